@@ -1,0 +1,140 @@
+//! A subscriber that records everything it receives, for assertions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use outbox_worker::pubsub::Endpoint;
+
+/// One received message.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Message data.
+    pub data: Vec<u8>,
+    /// Attributes, including `message-id`.
+    pub attributes: HashMap<String, String>,
+    /// Ordering key ("" for none).
+    pub ordering_key: String,
+    /// The `message-id` attribute.
+    pub message_id: String,
+}
+
+/// Pulls a subscription in the background (restarting the stream after
+/// errors, e.g. while the emulator is down) and acknowledges everything.
+pub struct Collector {
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Collector {
+    /// Starts pulling `subscription` from `endpoint`.
+    pub fn start(endpoint: Endpoint, subscription: String) -> Collector {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(pull(endpoint, subscription, received.clone(), stop.clone()));
+        Collector {
+            received,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// How many messages arrived so far (duplicates included).
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// A copy of what arrived so far, in arrival order.
+    pub fn snapshot(&self) -> Vec<Received> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Received>> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until at least `n` distinct `message-id`s arrived.
+    pub async fn wait_distinct(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
+        crate::wait_for(&format!("{n} distinct messages"), timeout, || async {
+            let all = self.snapshot();
+            let distinct: std::collections::HashSet<_> = all.iter().map(|m| &m.message_id).collect();
+            (distinct.len() >= n).then(|| all.clone())
+        })
+        .await
+        .map_err(|e| {
+            let all = self.snapshot();
+            let distinct: std::collections::HashSet<_> = all.iter().map(|m| &m.message_id).collect();
+            e.context(format!("received {} messages, {} distinct", all.len(), distinct.len()))
+        })
+    }
+
+    /// Stops pulling.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn pull(
+    endpoint: Endpoint,
+    subscription: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let client = match outbox_worker::pubsub::subscriber(&endpoint).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::debug!(error = %e, "collector: cannot create subscriber");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut stream = client
+            .subscribe(subscription.clone())
+            .set_max_outstanding_messages(20_000)
+            .set_max_outstanding_bytes(512 * 1024 * 1024)
+            .build();
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = stop.cancelled() => return,
+            };
+            match next {
+                Some(Ok((message, handler))) => {
+                    let message_id = message
+                        .attributes
+                        .get(outbox_worker::relay::message::MESSAGE_ID_ATTRIBUTE)
+                        .cloned()
+                        .unwrap_or_default();
+                    received
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Received {
+                            data: message.data.to_vec(),
+                            attributes: message.attributes.clone(),
+                            ordering_key: message.ordering_key.clone(),
+                            message_id,
+                        });
+                    handler.ack();
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "collector: stream error; reconnecting");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

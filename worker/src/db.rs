@@ -1,0 +1,81 @@
+//! Connecting to PostgreSQL, and the embedded migrations.
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The migrations under `migrations/`, compiled into the binary so that
+/// `outbox-worker migrate` needs no files at run time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Errors from database setup; the URL itself is never part of a message.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid DATABASE_URL: {0}")]
+    InvalidUrl(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Parses a connection URL. Statement logging is turned off: statements carry
+/// payloads, and slow-statement warnings would flood the logs under load.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
+    let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
+    Ok(options
+        .application_name("outbox-worker")
+        .disable_statement_logging())
+}
+
+/// A pool that connects lazily, so a worker starts (and reports not ready)
+/// while the database is down, and reconnects by itself when it returns.
+pub fn lazy_pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .connect_lazy_with(options)
+}
+
+/// Where the URL points, for logs: host, port and database, never the password.
+pub fn describe(options: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)")
+    )
+}
+
+/// Applies the embedded migrations; already-applied ones are skipped.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// A cheap round trip, for readiness.
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_hides_password() {
+        let options = connect_options("postgres://app:s3cret@db.example:6543/orders").unwrap();
+        let text = describe(&options);
+        assert_eq!(text, "db.example:6543/orders");
+        assert!(!text.contains("s3cret"));
+    }
+
+    #[test]
+    fn invalid_url_does_not_echo_it() {
+        let err = connect_options("mysql://u:topsecret@h/db").unwrap_err().to_string();
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+}

@@ -1,0 +1,19 @@
+//! Transactional outbox and inbox between PostgreSQL and Google Cloud Pub/Sub.
+//!
+//! Where to look:
+//! - [`relay`]: the outbox relay, PostgreSQL → Pub/Sub (claim, publish, acknowledge).
+//! - [`health`]: the HTTP probes (`/healthz`, `/readyz`) and `/metrics`.
+//! - [`metrics`]: the Prometheus metrics the workers export.
+//! - [`db`]: connecting to PostgreSQL and the embedded migrations.
+//! - [`pubsub`]: connecting to Pub/Sub (or its emulator).
+//! - [`ident`]: validation of table, topic and subscription names.
+
+pub mod backoff;
+pub mod db;
+pub mod health;
+pub mod ident;
+pub mod metrics;
+pub mod pubsub;
+pub mod relay;
+pub mod shutdown;
+pub mod telemetry;

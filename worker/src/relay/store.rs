@@ -1,0 +1,178 @@
+//! The relay's SQL, in one place.
+//!
+//! The hot path is two statements per batch: one claim (`FOR UPDATE SKIP
+//! LOCKED`, in id order) and, after Pub/Sub acknowledged, one `DELETE` (with
+//! the dead-letter insert folded into it as a CTE), then `COMMIT`. Deleting
+//! instead of marking rows keeps the table and its index small: marking leaves
+//! dead index entries that every later claim has to skip.
+
+use bytes::Bytes;
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+use uuid::Uuid;
+
+use super::message::OutboxRow;
+use crate::ident::TableName;
+
+/// SQL for one outbox table and its dead-letter table, built once from
+/// validated names.
+#[derive(Debug, Clone)]
+pub struct OutboxStore {
+    table: TableName,
+    dead_letter: TableName,
+    claim: String,
+    fetch_payload: String,
+    delete: String,
+    delete_and_dead_letter: String,
+    backlog: String,
+}
+
+/// Errors that name the table involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "table {table} is missing or has the wrong shape ({source}); run `outbox-worker migrate` or create it like the `outbox` table in migrations/"
+    )]
+    Shape {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+impl OutboxStore {
+    /// Builds the statements; the dead-letter table is `<table>_dead_letter`.
+    pub fn new(table: TableName) -> Result<Self, crate::ident::NameError> {
+        let dead_letter = table.with_suffix("_dead_letter")?;
+        let t = table.quoted();
+        let dl = dead_letter.quoted();
+        Ok(OutboxStore {
+            claim: format!(
+                "SELECT id, message_id, \
+                        CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
+                        ordering_key, attributes, topic, \
+                        EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS age \
+                 FROM {t} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ),
+            fetch_payload: format!("SELECT payload FROM {t} WHERE id = $1"),
+            delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
+            delete_and_dead_letter: format!(
+                "WITH gone AS (DELETE FROM {t} WHERE id = ANY($1) \
+                     RETURNING id, message_id, payload, ordering_key, attributes, topic, created_at) \
+                 INSERT INTO {dl} (id, message_id, payload, ordering_key, attributes, topic, created_at, error) \
+                 SELECT g.id, g.message_id, g.payload, g.ordering_key, g.attributes, g.topic, g.created_at, e.error \
+                 FROM gone g JOIN unnest($2::bigint[], $3::text[]) AS e(id, error) ON g.id = e.id \
+                 ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, dead_lettered_at = EXCLUDED.dead_lettered_at"
+            ),
+            backlog: format!("SELECT count(*) FROM {t}"),
+            table,
+            dead_letter,
+        })
+    }
+
+    /// The outbox table.
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// Fails with a readable error when either table is missing or lacks a
+    /// column the relay needs.
+    pub async fn check_shape(&self, pool: &PgPool) -> Result<(), StoreError> {
+        let columns = "id, message_id, payload, ordering_key, attributes, topic, created_at";
+        for table in [&self.table, &self.dead_letter] {
+            let sql = format!("SELECT {columns} FROM {} LIMIT 0", table.quoted());
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(pool)
+                .await
+                .map_err(|source| match source {
+                    sqlx::Error::Database(_) => StoreError::Shape {
+                        table: table.to_string(),
+                        source,
+                    },
+                    other => StoreError::Sql(other),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Locks and reads up to `limit` pending rows in id order. Payloads larger
+    /// than `inline_bytes` come back as `None` and are read with
+    /// [`Self::fetch_payload`] just before publishing, so that a batch never
+    /// holds many large payloads at once.
+    pub async fn claim(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+        inline_bytes: i32,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let rows = sqlx::query(AssertSqlSafe(self.claim.as_str()))
+            .bind(limit)
+            .bind(inline_bytes)
+            .fetch_all(conn)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    message_id: r.try_get::<Uuid, _>("message_id")?,
+                    payload: r.try_get::<Option<Vec<u8>>, _>("payload")?.map(Bytes::from),
+                    ordering_key: r.try_get("ordering_key")?,
+                    attributes: r.try_get("attributes")?,
+                    topic: r.try_get("topic")?,
+                    age_at_claim: r.try_get::<Option<f64>, _>("age")?.unwrap_or(0.0),
+                })
+            })
+            .collect()
+    }
+
+    /// Reads one payload of a row this transaction already holds.
+    pub async fn fetch_payload(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+    ) -> Result<Bytes, sqlx::Error> {
+        let payload: Vec<u8> = sqlx::query_scalar(AssertSqlSafe(self.fetch_payload.as_str()))
+            .bind(id)
+            .fetch_one(conn)
+            .await?;
+        Ok(Bytes::from(payload))
+    }
+
+    /// Removes published rows and moves dead ones to the dead-letter table,
+    /// in the claiming transaction.
+    pub async fn finish(
+        &self,
+        conn: &mut PgConnection,
+        done: &[i64],
+        dead: &[(i64, String)],
+    ) -> Result<(), sqlx::Error> {
+        if dead.is_empty() {
+            if !done.is_empty() {
+                sqlx::query(AssertSqlSafe(self.delete.as_str()))
+                    .bind(done)
+                    .execute(conn)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let all: Vec<i64> = done.iter().copied().chain(dead.iter().map(|d| d.0)).collect();
+        let dead_ids: Vec<i64> = dead.iter().map(|d| d.0).collect();
+        let errors: Vec<&str> = dead.iter().map(|d| d.1.as_str()).collect();
+        sqlx::query(AssertSqlSafe(self.delete_and_dead_letter.as_str()))
+            .bind(&all)
+            .bind(&dead_ids)
+            .bind(&errors)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Pending rows, for the backlog gauge.
+    pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))
+            .fetch_one(pool)
+            .await
+    }
+}

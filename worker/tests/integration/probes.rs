@@ -1,0 +1,92 @@
+//! Test 7: the HTTP endpoints answer and the counters match what was delivered;
+//! a missing own topic makes the relay not ready without dead-lettering.
+
+use crate::harness::*;
+use devkit::wait_for;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_metrics_match_deliveries() {
+    let env = TestEnv::new("probes").await;
+    let relay = env.spawn_relay(&[]);
+    relay.wait_ready(WAIT).await.expect("ready");
+    assert_eq!(relay.get("/healthz").await.map(|r| r.0), Some(200));
+
+    let ids = insert(&env.pool, &numbered(0, 500, 5)).await;
+    env.collector.wait_distinct(ids.len(), WAIT).await.expect("all arrive");
+    env.wait_drained().await;
+
+    wait_for("published counter to reach 500", WAIT, || async {
+        (relay.metric("outbox_messages_published_total").await == Some(500.0)).then_some(())
+    })
+    .await
+    .expect("counter");
+    wait_for("backlog gauge to reach 0", WAIT, || async {
+        (relay.metric("outbox_backlog").await == Some(0.0)).then_some(())
+    })
+    .await
+    .expect("backlog");
+    let (status, body) = relay.get("/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "outbox_dead_letter_total 0",
+        "outbox_publish_latency_seconds_count 500",
+        "outbox_is_leader 1",
+    ] {
+        assert!(body.contains(line), "{line} missing:\n{body}");
+    }
+    assert_eq!(relay.metric("outbox_publish_errors_total").await, None, "no errors:\n{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_own_topic_means_not_ready_and_rows_wait() {
+    let env = TestEnv::new("notopic").await;
+    let missing = format!("{}-later", env.topic);
+    let port = devkit::free_port().expect("port");
+    let relay = devkit::WorkerProcess::spawn(
+        &worker_binary(),
+        &["relay", "--topic", &missing],
+        &[
+            ("DATABASE_URL", env.database_url.clone()),
+            ("PUBSUB_EMULATOR_HOST", env.emulator_host.clone()),
+            ("RETRY_MAX", "500ms".to_owned()),
+            ("PROBE_INTERVAL", "300ms".to_owned()),
+        ],
+        port,
+        log_dir().join(format!("{}-relay.log", env.name)),
+    )
+    .expect("spawn");
+    insert(&env.pool, &numbered(0, 50, 0)).await;
+    let body = wait_for("readyz to say the topic is missing", WAIT, || async {
+        relay
+            .get("/readyz")
+            .await
+            .filter(|(s, b)| *s == 503 && b.contains("does not exist"))
+            .map(|(_, b)| b)
+    })
+    .await
+    .expect("not ready");
+    assert!(body.contains(&missing), "{body}");
+    wait_for("a failed publish attempt", WAIT, || async {
+        relay
+            .metric("outbox_publish_errors_total{kind=\"transient\"}")
+            .await
+            .filter(|n| *n > 0.0)
+    })
+    .await
+    .expect("publish attempted");
+    assert_eq!(env.pending().await, 50, "rows stay in the outbox");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_dead_letter")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(dead, 0, "a missing own topic is an outage, not a bad row");
+
+    // Create the topic: the relay recovers by itself.
+    let endpoint = outbox_worker::pubsub::Endpoint {
+        emulator_host: Some(env.emulator_host.clone()),
+    };
+    let sub = format!("{}-later", env.subscription);
+    create_topic_and_subscription(&endpoint, &missing, &sub).await;
+    relay.wait_ready(WAIT).await.expect("ready again");
+    env.wait_drained().await;
+}
