@@ -56,17 +56,27 @@ impl Collector {
     }
 
     /// Waits until at least `n` distinct `message-id`s arrived.
-    pub async fn wait_distinct(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
+    pub async fn wait_distinct(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Received>> {
         crate::wait_for(&format!("{n} distinct messages"), timeout, || async {
             let all = self.snapshot();
-            let distinct: std::collections::HashSet<_> = all.iter().map(|m| &m.message_id).collect();
+            let distinct: std::collections::HashSet<_> =
+                all.iter().map(|m| &m.message_id).collect();
             (distinct.len() >= n).then(|| all.clone())
         })
         .await
         .map_err(|e| {
             let all = self.snapshot();
-            let distinct: std::collections::HashSet<_> = all.iter().map(|m| &m.message_id).collect();
-            e.context(format!("received {} messages, {} distinct", all.len(), distinct.len()))
+            let distinct: std::collections::HashSet<_> =
+                all.iter().map(|m| &m.message_id).collect();
+            e.context(format!(
+                "received {} messages, {} distinct",
+                all.len(),
+                distinct.len()
+            ))
         })
     }
 

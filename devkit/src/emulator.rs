@@ -19,9 +19,13 @@ pub struct Emulator {
 
 /// `$PUBSUB_EMULATOR_BIN`, or where the Google Cloud SDK's Debian package puts it.
 pub fn find_bin() -> anyhow::Result<PathBuf> {
-    let path = std::env::var("PUBSUB_EMULATOR_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
-    });
+    let path = std::env::var("PUBSUB_EMULATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(
+                "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+            )
+        });
     anyhow::ensure!(
         path.exists(),
         "Pub/Sub emulator not found at {}. Install it with `apt-get install google-cloud-cli-pubsub-emulator` \
@@ -35,7 +39,9 @@ impl Emulator {
     /// Starts the emulator on a free port; returns once it answers HTTP.
     pub async fn start() -> anyhow::Result<Emulator> {
         let mut emulator = Emulator {
-            dir: tempfile::Builder::new().prefix("outbox-pubsub-").tempdir()?,
+            dir: tempfile::Builder::new()
+                .prefix("outbox-pubsub-")
+                .tempdir()?,
             bin: find_bin()?,
             port: crate::free_port()?,
             child: None,
@@ -49,15 +55,25 @@ impl Emulator {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--host=127.0.0.1")
             .arg(format!("--port={}", self.port))
-            .env("JAVA_TOOL_OPTIONS", "-Xss1m -XX:+UseSerialGC -XX:TieredStopAtLevel=1")
+            .env(
+                "JAVA_TOOL_OPTIONS",
+                "-Xss1m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(spawn_tied(&mut cmd).context("starting the Pub/Sub emulator")?);
         let port = self.port;
-        crate::wait_for("the Pub/Sub emulator to answer", Duration::from_secs(60), || async move {
-            tokio::task::spawn_blocking(move || http_ok(port)).await.ok().flatten()
-        })
+        crate::wait_for(
+            "the Pub/Sub emulator to answer",
+            Duration::from_secs(60),
+            || async move {
+                tokio::task::spawn_blocking(move || http_ok(port))
+                    .await
+                    .ok()
+                    .flatten()
+            },
+        )
         .await
         .with_context(|| format!("emulator log: {}", self.log()))
     }

@@ -57,7 +57,9 @@ fn unprivileged_ids() -> anyhow::Result<Option<(u32, u32)>> {
     // the two fields out immediately.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     if pw.is_null() {
-        bail!("running as root but there is no `postgres` user to run PostgreSQL as (apt-get install postgresql creates it)");
+        bail!(
+            "running as root but there is no `postgres` user to run PostgreSQL as (apt-get install postgresql creates it)"
+        );
     }
     // SAFETY: non-null pointer from getpwnam.
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
@@ -84,7 +86,15 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some((u, g)) = uid {
@@ -118,14 +128,22 @@ impl Postgres {
             .arg("-p")
             .arg(self.port.to_string())
             .args([
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "unix_socket_directories=",
-                "-c", "max_connections=300",
-                "-c", "fsync=off",
-                "-c", "full_page_writes=off",
-                "-c", "synchronous_commit=off",
-                "-c", "shared_buffers=256MB",
-                "-c", "max_wal_size=4GB",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "max_wal_size=4GB",
             ])
             .stdout(Stdio::null())
             .stderr(log);
@@ -134,13 +152,17 @@ impl Postgres {
         }
         self.child = Some(spawn_tied(&mut cmd).context("starting postgres")?);
         let url = self.url("postgres");
-        crate::wait_for("PostgreSQL to accept connections", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                use sqlx::Connection;
-                sqlx::PgConnection::connect(&url).await.ok().map(|_| ())
-            }
-        })
+        crate::wait_for(
+            "PostgreSQL to accept connections",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    use sqlx::Connection;
+                    sqlx::PgConnection::connect(&url).await.ok().map(|_| ())
+                }
+            },
+        )
         .await
         .with_context(|| format!("log: {}", self.log()))
     }

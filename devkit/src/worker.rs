@@ -40,7 +40,8 @@ impl WorkerProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = spawn_tied(&mut cmd).with_context(|| format!("spawning {}", binary.display()))?;
+        let child =
+            spawn_tied(&mut cmd).with_context(|| format!("spawning {}", binary.display()))?;
         Ok(WorkerProcess {
             child: Some(child),
             health_addr,
@@ -68,7 +69,10 @@ impl WorkerProcess {
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         crate::wait_for("the worker to be ready", timeout, || async {
-            self.get("/readyz").await.filter(|(s, _)| *s == 200).map(|_| ())
+            self.get("/readyz")
+                .await
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ())
         })
         .await
         .with_context(|| format!("worker log:\n{}", self.log()))

@@ -61,7 +61,10 @@ mod tests {
         let delays: Vec<_> = (0..12).map(|_| b.next_delay()).collect();
         assert!(delays[0] >= Duration::from_millis(100));
         // Jitter adds at most one extra min-delay-sized share; the cap holds.
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(4)), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(4)),
+            "{delays:?}"
+        );
         assert!(delays[11] >= Duration::from_secs(2), "{delays:?}");
         assert_eq!(b.failures(), 12);
         b.reset();

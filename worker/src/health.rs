@@ -132,7 +132,10 @@ struct AppState {
 /// a clear error instead of leaving a worker without probes.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr} (--health-addr): {e}"))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} (--health-addr): {e}"),
+        )
     })
 }
 
@@ -200,7 +203,10 @@ mod tests {
         h.ok(Component::Database);
         h.failing(Component::PubSub, "topic projects/p/topics/t not found");
         let err = h.ready(&both).unwrap_err();
-        assert!(err.contains("pubsub: topic projects/p/topics/t not found"), "{err}");
+        assert!(
+            err.contains("pubsub: topic projects/p/topics/t not found"),
+            "{err}"
+        );
         assert!(!err.contains("database"));
         h.ok(Component::PubSub);
         assert!(h.ready(&both).is_ok());

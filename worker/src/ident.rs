@@ -267,6 +267,10 @@ mod tests {
     fn subscription_names() {
         let s: SubscriptionName = "projects/p1/subscriptions/sub".parse().unwrap();
         assert_eq!(s.to_string(), "projects/p1/subscriptions/sub");
-        assert!("projects/p1/topics/sub".parse::<SubscriptionName>().is_err());
+        assert!(
+            "projects/p1/topics/sub"
+                .parse::<SubscriptionName>()
+                .is_err()
+        );
     }
 }

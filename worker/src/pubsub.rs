@@ -3,8 +3,8 @@
 
 use google_cloud_auth::credentials::anonymous;
 use google_cloud_gax::retry_policy::RetryPolicyExt;
-use google_cloud_pubsub::retry_policy::RetryableErrors;
 use google_cloud_pubsub::client::{BasePublisher, Publisher};
+use google_cloud_pubsub::retry_policy::RetryableErrors;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -135,18 +135,18 @@ impl Batch {
                 State::Dead(reason) => outcome.dead.push((entry.id, reason.clone())),
                 State::Retry(reason) => {
                     outcome.retry += 1;
-                    outcome.first_retry_reason.get_or_insert_with(|| reason.clone());
+                    outcome
+                        .first_retry_reason
+                        .get_or_insert_with(|| reason.clone());
                 }
                 State::Pending(_) => outcome.retry += 1,
             }
             // Any failure pauses the key in the client; remember to resume it.
             let failed = matches!(entry.state, State::Dead(_) | State::Retry(_));
-            if failed && !entry.ordering_key.is_empty() {
-                if let Some(topic) = &entry.topic {
-                    outcome
-                        .paused_keys
-                        .insert((topic.clone(), entry.ordering_key.clone()));
-                }
+            if let (true, Some(topic)) = (failed && !entry.ordering_key.is_empty(), &entry.topic) {
+                outcome
+                    .paused_keys
+                    .insert((topic.clone(), entry.ordering_key.clone()));
             }
         }
         outcome

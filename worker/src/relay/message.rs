@@ -202,7 +202,10 @@ mod tests {
         assert_eq!(p.message.data.as_ref(), b"hi");
         assert_eq!(p.message.ordering_key, "k");
         assert_eq!(p.message.attributes["a"], "b");
-        assert_eq!(p.message.attributes[MESSAGE_ID_ATTRIBUTE], Uuid::nil().to_string());
+        assert_eq!(
+            p.message.attributes[MESSAGE_ID_ATTRIBUTE],
+            Uuid::nil().to_string()
+        );
     }
 
     #[test]
@@ -228,7 +231,10 @@ mod tests {
     fn bad_attributes_say_what_is_wrong() {
         let cases = [
             (json!(["a"]), "got an array"),
-            (json!({"n": 1}), "value of \"n\" must be a string, got a number"),
+            (
+                json!({"n": 1}),
+                "value of \"n\" must be a string, got a number",
+            ),
             (json!({"": "x"}), "empty attribute name"),
             (json!({"googx": "x"}), "reserved"),
             (json!({"k": "v".repeat(1025)}), "1025 bytes"),

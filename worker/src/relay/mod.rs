@@ -24,13 +24,14 @@
 
 mod batch;
 pub mod message;
+mod probe;
 pub mod store;
 mod wakeup;
 
+pub use probe::Probe;
 pub use wakeup::CHANNEL as NOTIFY_CHANNEL;
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -196,7 +197,10 @@ impl Relay {
                     }
                     self.resume(&paused);
                     let delay = backoff.next_delay();
-                    debug!(delay_ms = delay.as_millis() as u64, "retrying after failure");
+                    debug!(
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying after failure"
+                    );
                     retry_at = Some(Instant::now() + delay);
                 } else {
                     backoff.reset();
@@ -341,7 +345,12 @@ impl Relay {
                 .await?;
             batch.tx.commit().await?;
             self.health.ok(Component::Database);
-            self.record(&batch.entries, batch.claimed_at, &outcome, summary.own_topic_missing);
+            self.record(
+                &batch.entries,
+                batch.claimed_at,
+                &outcome,
+                summary.own_topic_missing,
+            );
             Ok(outcome)
         }
         .instrument(span)
@@ -349,23 +358,35 @@ impl Relay {
     }
 
     /// Metrics, health and logs for a committed batch.
-    fn record(&self, entries: &[Entry], claimed_at: Instant, outcome: &Outcome, own_topic_missing: bool) {
+    fn record(
+        &self,
+        entries: &[Entry],
+        claimed_at: Instant,
+        outcome: &Outcome,
+        own_topic_missing: bool,
+    ) {
         let since_claim = claimed_at.elapsed().as_secs_f64();
         for entry in entries {
             if matches!(entry.state, State::Published) {
-                self.metrics.latency.observe(entry.age_at_claim + since_claim);
+                self.metrics
+                    .latency
+                    .observe(entry.age_at_claim + since_claim);
             }
         }
-        self.metrics.published.inc_by(outcome.published.len() as u64);
+        self.metrics
+            .published
+            .inc_by(outcome.published.len() as u64);
         if !outcome.dead.is_empty() {
             self.metrics.dead_lettered.inc_by(outcome.dead.len() as u64);
-            self.metrics.publish_error("permanent", outcome.dead.len() as u64);
+            self.metrics
+                .publish_error("permanent", outcome.dead.len() as u64);
             for (id, reason) in &outcome.dead {
                 warn!(id, %reason, "moved to the dead-letter table");
             }
         }
         if outcome.retry > 0 {
-            self.metrics.publish_error("transient", outcome.retry as u64);
+            self.metrics
+                .publish_error("transient", outcome.retry as u64);
             let reason = outcome.first_retry_reason.as_deref().unwrap_or("unknown");
             if own_topic_missing {
                 self.health.failing(
@@ -374,7 +395,8 @@ impl Relay {
                 );
                 error!(topic = %self.config.topic, "the relay's topic does not exist; retrying");
             } else if outcome.published.is_empty() {
-                self.health.failing(Component::PubSub, format!("publish failed: {reason}"));
+                self.health
+                    .failing(Component::PubSub, format!("publish failed: {reason}"));
             }
             warn!(failed = outcome.retry, published = outcome.published.len(), %reason, "publish failed; rows stay in the outbox and will be retried");
         }
@@ -397,7 +419,8 @@ impl Relay {
 
     fn database_failed(&self, stage: &str, error: &sqlx::Error) {
         self.metrics.db_errors.inc();
-        self.health.failing(Component::Database, format!("{stage} failed: {error}"));
+        self.health
+            .failing(Component::Database, format!("{stage} failed: {error}"));
         warn!(stage, %error, "database operation failed; will retry");
     }
 
@@ -408,7 +431,10 @@ impl Relay {
             return;
         }
         let rows: usize = in_flight.iter().map(|b| b.entries.len()).sum();
-        info!(batches = in_flight.len(), rows, "finishing in-flight batches");
+        info!(
+            batches = in_flight.len(),
+            rows, "finishing in-flight batches"
+        );
         let deadline = Instant::now() + self.config.shutdown_timeout;
         while let Some(batch) = in_flight.pop_front() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -439,7 +465,7 @@ impl Relay {
                 }
                 Err(e) => {
                     self.health.failing(Component::Database, e.to_string());
-                    if backoff.failures() == 0 || backoff.failures() % 10 == 0 {
+                    if backoff.failures() == 0 || backoff.failures().is_multiple_of(10) {
                         error!(error = %e, "outbox table not usable yet");
                     }
                 }
@@ -450,55 +476,6 @@ impl Relay {
                 _ = tokio::time::sleep(delay) => {},
                 _ = stop.cancelled() => return Ok(()),
             }
-        }
-    }
-}
-
-/// Keeps the backlog gauge and the readiness of both dependencies current,
-/// also while the relay is idle.
-pub async fn watch(
-    pool: PgPool,
-    store: OutboxStore,
-    topic: TopicName,
-    admin: Option<Arc<google_cloud_pubsub::client::TopicAdmin>>,
-    metrics: RelayMetrics,
-    health: Health,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    use crate::pubsub::{TopicCheck, check_topic};
-    let mut warned_permission = false;
-    loop {
-        match tokio::time::timeout(interval, store.backlog(&pool)).await {
-            Ok(Ok(n)) => {
-                metrics.backlog.set(n);
-                health.ok(Component::Database);
-            }
-            Ok(Err(e)) => health.failing(Component::Database, format!("unreachable: {e}")),
-            Err(_) => health.failing(Component::Database, "no answer within the probe interval"),
-        }
-        if let Some(admin) = &admin {
-            match tokio::time::timeout(interval, check_topic(admin, &topic)).await {
-                Ok(TopicCheck::Exists) => health.ok(Component::PubSub),
-                Ok(TopicCheck::Missing) => {
-                    health.failing(Component::PubSub, format!("topic {topic} does not exist"))
-                }
-                Ok(TopicCheck::NotPermitted) => {
-                    if !warned_permission {
-                        info!("no permission to read topic metadata; readiness follows publish results");
-                        warned_permission = true;
-                        health.ok(Component::PubSub);
-                    }
-                }
-                Ok(TopicCheck::Unreachable(e)) => {
-                    health.failing(Component::PubSub, format!("unreachable: {e}"))
-                }
-                Err(_) => health.failing(Component::PubSub, "no answer within the probe interval"),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {},
-            _ = stop.cancelled() => return,
         }
     }
 }

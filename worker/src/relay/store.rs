@@ -157,7 +157,11 @@ impl OutboxStore {
             }
             return Ok(());
         }
-        let all: Vec<i64> = done.iter().copied().chain(dead.iter().map(|d| d.0)).collect();
+        let all: Vec<i64> = done
+            .iter()
+            .copied()
+            .chain(dead.iter().map(|d| d.0))
+            .collect();
         let dead_ids: Vec<i64> = dead.iter().map(|d| d.0).collect();
         let errors: Vec<&str> = dead.iter().map(|d| d.1.as_str()).collect();
         sqlx::query(AssertSqlSafe(self.delete_and_dead_letter.as_str()))

@@ -9,20 +9,30 @@ async fn kill_9_mid_stream_loses_nothing() {
     let batch = 200usize;
     let depth = 3usize;
     let args = ["--batch-size", "200", "--pipeline-depth", "3"];
-    let rows = numbered(0, 30_000, 20);
+    let rows = numbered(0, 60_000, 20);
     let ids = insert(&env.pool, &rows).await;
 
     let mut relay = env.spawn_relay(&args);
-    env.collector.wait_distinct(3_000, WAIT).await.expect("relay started publishing");
+    env.wait_pending_at_most(55_000).await;
     relay.kill().expect("kill -9");
     let pending = env.pending().await;
-    assert!(pending > 0, "the relay finished before it was killed; the test proves nothing");
+    assert!(
+        pending > 0,
+        "the relay finished before it was killed; the test proves nothing"
+    );
 
     let relay = env.spawn_relay(&args);
-    let received = env.collector.wait_distinct(ids.len(), WAIT).await.expect("all arrive");
+    let received = env
+        .collector
+        .wait_distinct(ids.len(), WAIT)
+        .await
+        .expect("all arrive");
     env.wait_drained().await;
     let duplicates = assert_all_arrived(&ids, &received);
-    println!("kill -9 with {pending} rows pending: {duplicates} duplicates (bound {})", batch * depth);
+    println!(
+        "kill -9 with {pending} rows pending: {duplicates} duplicates (bound {})",
+        batch * depth
+    );
     assert!(
         duplicates <= batch * depth,
         "{duplicates} duplicates, more than the {} rows that can be in flight",

@@ -7,8 +7,14 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpublishable_rows_are_dead_lettered_and_the_rest_flow() {
     let env = TestEnv::new("deadletter").await;
-    let other_topic = format!("projects/{PROJECT}/topics/other-{}", env.name.replace('_', "-"));
-    let other_sub = format!("projects/{PROJECT}/subscriptions/other-{}", env.name.replace('_', "-"));
+    let other_topic = format!(
+        "projects/{PROJECT}/topics/other-{}",
+        env.name.replace('_', "-")
+    );
+    let other_sub = format!(
+        "projects/{PROJECT}/subscriptions/other-{}",
+        env.name.replace('_', "-")
+    );
     let endpoint = outbox_worker::pubsub::Endpoint {
         emulator_host: Some(env.emulator_host.clone()),
     };
@@ -62,14 +68,27 @@ async fn unpublishable_rows_are_dead_lettered_and_the_rest_flow() {
     rows.push(good(100));
     rows.push(NewRow {
         payload: b"routed".to_vec(),
-        topic: Some(other_topic.rsplit('/').next().unwrap_or_default().to_owned()),
+        topic: Some(
+            other_topic
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
         ..Default::default()
     });
     let ids = insert(&env.pool, &rows).await;
 
     let relay = env.spawn_relay(&[]);
-    let received = env.collector.wait_distinct(bad.len() + 1, WAIT).await.expect("good rows arrive");
-    other.wait_distinct(1, WAIT).await.expect("routed row arrives on its topic");
+    let received = env
+        .collector
+        .wait_distinct(bad.len() + 1, WAIT)
+        .await
+        .expect("good rows arrive");
+    other
+        .wait_distinct(1, WAIT)
+        .await
+        .expect("routed row arrives on its topic");
     env.wait_drained().await;
     assert_per_key_order(&received);
     let good_ids: Vec<_> = ids.iter().step_by(2).copied().collect();
@@ -83,7 +102,10 @@ async fn unpublishable_rows_are_dead_lettered_and_the_rest_flow() {
     assert_eq!(dead.len(), bad.len(), "{dead:#?}");
     for (i, ((id, error), (_, expected))) in dead.iter().zip(&bad).enumerate() {
         assert_eq!(*id, ids[2 * i + 1]);
-        assert!(error.contains(expected), "row {i}: {error:?} lacks {expected:?}");
+        assert!(
+            error.contains(expected),
+            "row {i}: {error:?} lacks {expected:?}"
+        );
     }
     // The dead-lettered payload is kept intact for a replay.
     let size: i32 = sqlx::query_scalar(
@@ -94,5 +116,8 @@ async fn unpublishable_rows_are_dead_lettered_and_the_rest_flow() {
     .await
     .expect("payload kept");
     assert_eq!(size, 10_500_000);
-    assert_eq!(relay.metric("outbox_dead_letter_total").await, Some(bad.len() as f64));
+    assert_eq!(
+        relay.metric("outbox_dead_letter_total").await,
+        Some(bad.len() as f64)
+    );
 }

@@ -29,11 +29,18 @@ async fn ten_thousand_mixed_rows_arrive_exactly_as_written() {
         });
     }
     let ids = insert(&env.pool, &rows).await;
-    let expected: HashMap<String, &NewRow> =
-        ids.iter().map(|id| id.to_string()).zip(rows.iter()).collect();
+    let expected: HashMap<String, &NewRow> = ids
+        .iter()
+        .map(|id| id.to_string())
+        .zip(rows.iter())
+        .collect();
 
     let relay = env.spawn_relay(&[]);
-    let received = env.collector.wait_distinct(rows.len(), WAIT).await.expect("all arrive");
+    let received = env
+        .collector
+        .wait_distinct(rows.len(), WAIT)
+        .await
+        .expect("all arrive");
     env.wait_drained().await;
 
     assert_eq!(received.len(), rows.len(), "no duplicates without a crash");
@@ -44,7 +51,10 @@ async fn ten_thousand_mixed_rows_arrive_exactly_as_written() {
         assert_eq!(m.data, row.payload, "payload of {}", m.message_id);
         assert_eq!(m.ordering_key, row.ordering_key.clone().unwrap_or_default());
         let mut attrs = m.attributes.clone();
-        assert_eq!(attrs.remove("message-id").as_deref(), Some(m.message_id.as_str()));
+        assert_eq!(
+            attrs.remove("message-id").as_deref(),
+            Some(m.message_id.as_str())
+        );
         let want: HashMap<String, String> = row
             .attributes
             .as_ref()

@@ -88,7 +88,9 @@ impl TestEnv {
         let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", shared.pg_port);
         let mut conn = {
             use sqlx::Connection;
-            sqlx::PgConnection::connect(&admin_url).await.expect("connect")
+            sqlx::PgConnection::connect(&admin_url)
+                .await
+                .expect("connect")
         };
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut conn)
@@ -163,6 +165,15 @@ impl TestEnv {
             .expect("count")
     }
 
+    /// Waits until at most `n` rows are pending (the relay is mid-stream).
+    pub async fn wait_pending_at_most(&self, n: i64) {
+        devkit::wait_for(&format!("at most {n} pending rows"), WAIT, || async {
+            (self.pending().await <= n).then_some(())
+        })
+        .await
+        .expect("relay makes progress");
+    }
+
     /// Waits until the outbox is empty.
     pub async fn wait_drained(&self) {
         devkit::wait_for("the outbox to drain", WAIT, || async {
@@ -178,7 +189,9 @@ pub async fn create_topic_and_subscription(
     topic: &str,
     subscription: &str,
 ) {
-    let admin = outbox_worker::pubsub::topic_admin(endpoint).await.expect("admin");
+    let admin = outbox_worker::pubsub::topic_admin(endpoint)
+        .await
+        .expect("admin");
     admin
         .create_topic()
         .set_name(topic)
@@ -225,7 +238,8 @@ pub async fn insert(pool: &PgPool, rows: &[NewRow]) -> Vec<Uuid> {
     for chunk in rows.chunks(500) {
         let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.payload.as_slice()).collect();
         let keys: Vec<Option<&str>> = chunk.iter().map(|r| r.ordering_key.as_deref()).collect();
-        let attrs: Vec<Option<serde_json::Value>> = chunk.iter().map(|r| r.attributes.clone()).collect();
+        let attrs: Vec<Option<serde_json::Value>> =
+            chunk.iter().map(|r| r.attributes.clone()).collect();
         let topics: Vec<Option<&str>> = chunk.iter().map(|r| r.topic.as_deref()).collect();
         let mut got: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO outbox (payload, ordering_key, attributes, topic) \

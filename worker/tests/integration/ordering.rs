@@ -13,7 +13,11 @@ async fn per_key_order_holds_for_50_keys_by_200_messages() {
     for chunk in numbered(0, 10_000, 50).chunks(1000) {
         ids.extend(insert(&env.pool, chunk).await);
     }
-    let received = env.collector.wait_distinct(ids.len(), WAIT).await.expect("all arrive");
+    let received = env
+        .collector
+        .wait_distinct(ids.len(), WAIT)
+        .await
+        .expect("all arrive");
     assert_eq!(assert_all_arrived(&ids, &received), 0, "no duplicates");
     assert_per_key_order(&received);
     drop(relay);

@@ -12,7 +12,10 @@ async fn probes_and_metrics_match_deliveries() {
     assert_eq!(relay.get("/healthz").await.map(|r| r.0), Some(200));
 
     let ids = insert(&env.pool, &numbered(0, 500, 5)).await;
-    env.collector.wait_distinct(ids.len(), WAIT).await.expect("all arrive");
+    env.collector
+        .wait_distinct(ids.len(), WAIT)
+        .await
+        .expect("all arrive");
     env.wait_drained().await;
 
     wait_for("published counter to reach 500", WAIT, || async {
@@ -34,7 +37,11 @@ async fn probes_and_metrics_match_deliveries() {
     ] {
         assert!(body.contains(line), "{line} missing:\n{body}");
     }
-    assert_eq!(relay.metric("outbox_publish_errors_total").await, None, "no errors:\n{body}");
+    assert_eq!(
+        relay.metric("outbox_publish_errors_total").await,
+        None,
+        "no errors:\n{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 async fn sigterm_mid_stream_exits_zero_and_loses_nothing() {
     let env = TestEnv::new("sigterm").await;
     let args = ["--batch-size", "200"];
-    let ids = insert(&env.pool, &numbered(0, 30_000, 10)).await;
+    let ids = insert(&env.pool, &numbered(0, 60_000, 10)).await;
 
     let mut relay = env.spawn_relay(&args);
-    env.collector.wait_distinct(2_000, WAIT).await.expect("relay started publishing");
+    env.wait_pending_at_most(55_000).await;
     let started = Instant::now();
     let status = relay
         .terminate(Duration::from_secs(15))
@@ -19,18 +19,24 @@ async fn sigterm_mid_stream_exits_zero_and_loses_nothing() {
     let took = started.elapsed();
     assert!(status.success(), "exit status {status:?}\n{}", relay.log());
     println!("SIGTERM to exit: {took:?}");
-    assert!(env.pending().await > 0, "drained before SIGTERM; the test proves nothing");
+    assert!(
+        env.pending().await > 0,
+        "drained before SIGTERM; the test proves nothing"
+    );
     // No claim survives the exit: every pending row can be locked at once.
-    let locked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT id FROM outbox FOR UPDATE NOWAIT) t",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .expect("no row is still locked");
+    let locked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT id FROM outbox FOR UPDATE NOWAIT) t")
+            .fetch_one(&env.pool)
+            .await
+            .expect("no row is still locked");
     assert!(locked > 0);
 
     let relay = env.spawn_relay(&args);
-    let received = env.collector.wait_distinct(ids.len(), WAIT).await.expect("all arrive");
+    let received = env
+        .collector
+        .wait_distinct(ids.len(), WAIT)
+        .await
+        .expect("all arrive");
     env.wait_drained().await;
     let duplicates = assert_all_arrived(&ids, &received);
     println!("SIGTERM mid-stream: {duplicates} duplicates");

@@ -1,0 +1,81 @@
+# The commands a newcomer needs: `make demo` and `make test`.
+# Everything else is for development and packaging.
+
+SHELL := bash
+CARGO ?= cargo
+VENV ?= $(CURDIR)/.venv
+export VENV
+
+.PHONY: help demo test test-rust test-python prereqs lint fmt crds bench build
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+prereqs: ## Install or check PostgreSQL, Java, the Pub/Sub emulator and the Python tools
+	scripts/prereqs.sh
+
+demo: ## Run producer -> outbox -> relay -> Pub/Sub -> subscriber on throwaway infrastructure
+	scripts/prereqs.sh no-python
+	$(CARGO) build --release -q -p worker -p devkit
+	target/release/outbox-demo $(DEMO_ARGS)
+
+test: prereqs test-rust test-python ## Run every test (starts its own PostgreSQL and emulator)
+
+test-rust:
+	$(CARGO) test --workspace --all-targets -- --test-threads 2
+
+test-python:
+	$(CARGO) build -q -p operator --bin outbox-operator
+	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator operator/tests/python/run.sh
+
+lint: ## rustfmt and clippy, as CI wants them
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+crds: ## Regenerate crds/ from the operator's types
+	$(CARGO) run -q -p operator -- crd > crds/outboxrelays.outbox.dev.yaml
+
+build: ## Release build of both binaries
+	$(CARGO) build --release -p worker -p operator
+
+# ---- Images, Helm chart, kind quickstart (charts/README.md). These targets need Docker,
+# kind and helm on the machine; CI has no Docker and does not run them.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
+IMAGE_REGISTRY ?= ghcr.io/outbox-dev
+WORKER_IMG ?= $(IMAGE_REGISTRY)/outbox-worker:$(VERSION)
+OPERATOR_IMG ?= $(IMAGE_REGISTRY)/outbox-operator:$(VERSION)
+DOCKER ?= docker
+KIND ?= kind
+HELM ?= helm
+KIND_CLUSTER ?= outbox
+OPERATOR_NAMESPACE ?= outbox-system
+KIND_ENV = KIND=$(KIND) DOCKER=$(DOCKER) HELM=$(HELM) KIND_CLUSTER=$(KIND_CLUSTER) \
+	OPERATOR_NAMESPACE=$(OPERATOR_NAMESPACE) WORKER_IMAGE=$(WORKER_IMG) OPERATOR_IMAGE=$(OPERATOR_IMG)
+
+.PHONY: images kind-up kind-down helm-install e2e test-charts
+
+images: ## Build the outbox-worker and outbox-operator images (tag: the crate version)
+	$(DOCKER) build --target worker -t $(WORKER_IMG) .
+	$(DOCKER) build --target operator -t $(OPERATOR_IMG) .
+
+kind-up: images ## kind cluster from kind-config.yaml with both images loaded
+	$(KIND_ENV) scripts/kind-up.sh
+
+helm-install: ## Install or upgrade the chart (CRD + operator) in the current kubectl context
+	$(HELM) upgrade --install outbox-operator charts/outbox-operator \
+		--namespace $(OPERATOR_NAMESPACE) --create-namespace \
+		--set image.repository=$(word 1,$(subst :, ,$(OPERATOR_IMG))) --set image.tag=$(VERSION) \
+		--set workerImage.repository=$(word 1,$(subst :, ,$(WORKER_IMG))) --set workerImage.tag=$(VERSION) \
+		--wait --timeout 5m
+
+e2e: kind-up ## End-to-end on kind: install, relay rows, fail over, delete (needs Docker)
+	$(KIND_ENV) scripts/e2e.sh
+
+kind-down: ## Delete the kind cluster
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+test-charts: ## Chart, RBAC, examples and Dockerfile checks (part of test-python)
+	charts/tests/run.sh

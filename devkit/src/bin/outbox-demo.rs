@@ -1,0 +1,279 @@
+//! `make demo`: the whole outbox flow on throwaway infrastructure.
+//!
+//! A producer writes an `orders` row and an `outbox` row in one transaction
+//! (the classic pattern), the real `outbox-worker relay` publishes the outbox
+//! to the Pub/Sub emulator, and a subscriber counts what arrives. Progress is
+//! printed every second; the summary says what was sent, received, duplicated
+//! and lost.
+
+use anyhow::Context;
+use clap::Parser;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use devkit::{Collector, Emulator, Postgres, WorkerProcess};
+
+#[derive(Parser)]
+#[command(about = "Run producer -> outbox -> relay -> Pub/Sub -> subscriber locally")]
+struct Args {
+    /// How long the producer writes.
+    #[arg(long, env = "DEMO_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Orders per second in total (0 = as fast as the producers can commit).
+    #[arg(long, env = "DEMO_RATE", default_value_t = 0)]
+    rate: u64,
+    /// Concurrent producer connections.
+    #[arg(long, env = "DEMO_PRODUCERS", default_value_t = 4)]
+    producers: usize,
+    /// Distinct customers (ordering keys).
+    #[arg(long, default_value_t = 100)]
+    customers: u64,
+}
+
+const PROJECT: &str = "demo";
+const TOPIC: &str = "projects/demo/topics/orders";
+const SUBSCRIPTION: &str = "projects/demo/subscriptions/orders-audit";
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn worker_binary() -> anyhow::Result<std::path::PathBuf> {
+    if let Ok(path) = std::env::var("OUTBOX_WORKER_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("outbox-worker");
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it with `cargo build --release -p worker` (make demo does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = PROJECT;
+    println!("== starting PostgreSQL and the Pub/Sub emulator (throwaway, in a temp dir)");
+    let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start())?;
+    let url = pg.create_database("demo").await?;
+    println!("   postgres  {}", url);
+    println!("   pubsub    {} (PUBSUB_EMULATOR_HOST)", emulator.host());
+
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.producers as u32 + 2)
+        .connect(&url)
+        .await?;
+    let worker = worker_binary()?;
+    let status = std::process::Command::new(&worker)
+        .args(["migrate", "--database-url", &url])
+        .status()
+        .context("running outbox-worker migrate")?;
+    anyhow::ensure!(status.success(), "outbox-worker migrate failed");
+    sqlx::query(
+        "CREATE TABLE orders (id BIGSERIAL PRIMARY KEY, customer TEXT NOT NULL, \
+         amount_cents BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .execute(&pool)
+    .await?;
+    emulator.create_topic(TOPIC).await?;
+    emulator
+        .create_subscription(SUBSCRIPTION, TOPIC, true)
+        .await?;
+    println!("   topic     {TOPIC}\n   subscription {SUBSCRIPTION} (ordered)");
+
+    let log_dir = tempfile::Builder::new().prefix("outbox-demo-").tempdir()?;
+    let log = log_dir.path().join("relay.log");
+    let health_port = devkit::free_port()?;
+    let mut relay = WorkerProcess::spawn(
+        &worker,
+        &["relay"],
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("PUBSUB_TOPIC", TOPIC.to_owned()),
+            ("PUBSUB_EMULATOR_HOST", emulator.host()),
+        ],
+        health_port,
+        log.clone(),
+    )?;
+    relay.wait_ready(Duration::from_secs(60)).await?;
+    println!(
+        "== relay ready: http://{}/metrics  (log: {})",
+        relay.health_addr,
+        log.display()
+    );
+
+    let collector = Collector::start(emulator.endpoint(), SUBSCRIPTION.to_owned());
+    let produced = Arc::new(AtomicU64::new(0));
+    let stop_at = Instant::now() + args.duration;
+    println!(
+        "== producing for {:?} with {} connections ({}), each order and its outbox row in one transaction",
+        args.duration,
+        args.producers,
+        if args.rate == 0 {
+            "as fast as possible".to_owned()
+        } else {
+            format!("{} orders/s", args.rate)
+        }
+    );
+    let mut producers = Vec::new();
+    for p in 0..args.producers {
+        let pool = pool.clone();
+        let produced = produced.clone();
+        let per_producer = (args.rate as f64 / args.producers as f64).max(0.0);
+        let customers = args.customers;
+        producers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut n: u64 = 0;
+            while Instant::now() < stop_at {
+                if per_producer > 0.0 {
+                    let due = started + Duration::from_secs_f64(n as f64 / per_producer);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let customer = format!("customer-{}", (n * args_producers_mix(p)) % customers);
+                let amount = (n % 10_000) as i64 + 100;
+                let mut tx = pool.begin().await?;
+                let order_id: i64 = sqlx::query_scalar(
+                    "INSERT INTO orders (customer, amount_cents) VALUES ($1, $2) RETURNING id",
+                )
+                .bind(&customer)
+                .bind(amount)
+                .fetch_one(&mut *tx)
+                .await?;
+                let payload = serde_json::json!({
+                    "order_id": order_id, "customer": customer, "amount_cents": amount,
+                    "sent_at_us": now_micros(),
+                });
+                sqlx::query(
+                    "INSERT INTO outbox (payload, ordering_key, attributes) VALUES ($1, $2, $3)",
+                )
+                .bind(serde_json::to_vec(&payload)?)
+                .bind(&customer)
+                .bind(serde_json::json!({"type": "order.created"}))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                produced.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+
+    let started = Instant::now();
+    let mut last = (0usize, Instant::now());
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut seen_upto = 0usize;
+    let mut seen = HashSet::new();
+    let mut duplicates = 0usize;
+    let mut done_producing = false;
+    let drain_deadline = stop_at + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let received = collector.snapshot();
+        let mut window = Vec::new();
+        for m in &received[seen_upto..] {
+            if !seen.insert(m.message_id.clone()) {
+                duplicates += 1;
+                continue;
+            }
+            if let Some(sent) = serde_json::from_slice::<serde_json::Value>(&m.data)
+                .ok()
+                .and_then(|v| v["sent_at_us"].as_u64())
+            {
+                let ms = now_micros().saturating_sub(sent) as f64 / 1000.0;
+                window.push(ms);
+            }
+        }
+        seen_upto = received.len();
+        let rate = (seen.len() - last.0) as f64 / last.1.elapsed().as_secs_f64();
+        last = (seen.len(), Instant::now());
+        let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?;
+        window.sort_by(f64::total_cmp);
+        let sent = produced.load(Ordering::Relaxed);
+        println!(
+            "   t={:>4.0}s  sent {:>8}  received {:>8}  {:>7.0} msg/s  backlog {:>6}  latency p50 {:>6.1} ms  p99 {:>6.1} ms",
+            started.elapsed().as_secs_f64(),
+            sent,
+            seen.len(),
+            rate,
+            backlog,
+            percentile(&window, 0.50),
+            percentile(&window, 0.99),
+        );
+        latencies.extend(window);
+        if !done_producing && Instant::now() >= stop_at {
+            done_producing = true;
+            for p in producers.drain(..) {
+                p.await??;
+            }
+            println!("== producer stopped; waiting for the rest to arrive");
+        }
+        let sent = produced.load(Ordering::Relaxed);
+        if done_producing && (seen.len() as u64 >= sent || Instant::now() > drain_deadline) {
+            break;
+        }
+    }
+    let status = relay.terminate(Duration::from_secs(15)).await?;
+    collector.stop().await;
+
+    let sent = produced.load(Ordering::Relaxed);
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&pool)
+        .await?;
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await?;
+    latencies.sort_by(f64::total_cmp);
+    let producing = args.duration.as_secs_f64();
+    let lost = sent.saturating_sub(seen.len() as u64);
+    println!("== summary");
+    println!("   orders committed        {orders}");
+    println!(
+        "   outbox messages sent    {sent}  ({:.0}/s while producing)",
+        sent as f64 / producing
+    );
+    println!("   received (distinct)     {}", seen.len());
+    println!("   duplicates              {duplicates}");
+    println!("   lost                    {lost}");
+    println!("   left in the outbox      {pending}");
+    println!(
+        "   commit-to-receive       p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(0.0)
+    );
+    println!("   relay exit on SIGTERM   {status}");
+    anyhow::ensure!(lost == 0 && orders as u64 == sent, "messages were lost");
+    anyhow::ensure!(
+        status.success(),
+        "relay did not exit cleanly; log: {}",
+        log.display()
+    );
+    println!("== cleaning up");
+    drop(pg);
+    drop(emulator);
+    Ok(())
+}
+
+/// Spreads producers over customers.
+fn args_producers_mix(p: usize) -> u64 {
+    [1, 7, 13, 31, 37, 43, 61, 67][p % 8]
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}

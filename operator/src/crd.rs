@@ -1,0 +1,470 @@
+//! The `OutboxRelay` custom resource: types, CRD generation and spec validation.
+//!
+//! Validation is declared twice on purpose, from the same constants: in the CRD schema
+//! (patterns, ranges and CEL `x-kubernetes-validations`, so the API server refuses a bad
+//! resource at `kubectl apply` time) and in [`validate`], which `render` and the reconcile
+//! loop both call so that a resource that slipped past an older CRD (or a CEL rule the
+//! cluster does not evaluate) is reported with the same message everywhere.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use kube::{CustomResource, CustomResourceExt, KubeSchema, ResourceExt};
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "outbox.dev";
+/// API version of the custom resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// A SQL identifier, optionally schema-qualified (`schema.table`); PostgreSQL truncates
+/// identifiers at 63 bytes, so longer ones are refused rather than silently shortened.
+pub const SQL_IDENTIFIER_PATTERN: &str =
+    r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$";
+/// A fully-qualified Pub/Sub topic name (`projects/P/topics/T`), following Google's naming
+/// rules for project ids and topic ids.
+pub const TOPIC_PATTERN: &str =
+    r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$";
+/// CEL rule for what the pattern cannot say: topic ids may not start with `goog`.
+pub const TOPIC_NOT_GOOG_RULE: &str = "!self.matches('^projects/[^/]+/topics/goog')";
+/// `host:port` of the Pub/Sub emulator.
+pub const EMULATOR_HOST_PATTERN: &str =
+    r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?:[0-9]{1,5}$";
+/// Name of a Kubernetes object that must be a DNS-1123 subdomain (Secrets, Leases).
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A key inside a Secret's `data`.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// A duration both the worker (humantime) and CEL's `duration()` understand, e.g. `15s`,
+/// `1m30s`, `500ms`.
+pub const DURATION_PATTERN: &str = r"^([0-9]{1,6}(ms|s|m|h))+$";
+/// A container image reference: no whitespace.
+pub const IMAGE_PATTERN: &str = r"^\S+$";
+/// CEL rule tying the leader-election timings together, as client-go's leader election does.
+pub const LEADER_TIMINGS_RULE: &str = "duration(self.renewDeadline) < duration(self.leaseDuration) && duration(self.retryPeriod) < duration(self.renewDeadline)";
+/// CEL rule on the whole resource: the name becomes a label value, which is limited to 63.
+pub const NAME_LENGTH_RULE: &str = "self.metadata.name.size() <= 63";
+
+/// Desired state of a relay: one Deployment of `outbox-worker relay` with leader election,
+/// moving rows from a PostgreSQL outbox table to a Pub/Sub topic.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "OutboxRelay",
+    plural = "outboxrelays",
+    singular = "outboxrelay",
+    shortname = "obr",
+    category = "outbox",
+    namespaced,
+    status = "OutboxRelayStatus",
+    derive = "PartialEq",
+    doc = "OutboxRelay runs the transactional-outbox relay (PostgreSQL table to Pub/Sub topic) as a Deployment with leader election.",
+    validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters (it is used as a label value)"),
+    printcolumn(name = "Topic", type_ = "string", json_path = ".spec.pubsub.topic", description = "Pub/Sub topic"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Desired worker replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready worker replicas"),
+    printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader", description = "Pod holding the relay's Lease"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelaySpec {
+    /// Number of worker pods. Only the Lease holder relays; the others are hot standbys.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 20))]
+    pub replicas: i32,
+
+    /// Where the outbox table lives.
+    pub database: DatabaseSpec,
+
+    /// Where messages are published.
+    pub pubsub: PubSubSpec,
+
+    /// Maximum rows claimed and published per batch (the worker's default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub batch_size: Option<i32>,
+
+    /// Timings of the worker's leader election (client-go semantics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_election: Option<LeaderElectionSpec>,
+
+    /// Worker image; defaults to the operator's `--worker-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), pattern(IMAGE_PATTERN))]
+    pub image: Option<String>,
+
+    /// Compute resources of the worker container (defaults: 50m CPU / 64Mi requested,
+    /// 256Mi memory limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node selector of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+}
+
+/// PostgreSQL settings. The URL (with its password) only ever comes from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Secret key holding the PostgreSQL connection URL (`DATABASE_URL`).
+    pub url_secret_ref: SecretKeyRef,
+
+    /// Outbox table, optionally schema-qualified (`schema.table`).
+    #[serde(default = "default_table")]
+    #[schemars(length(min = 1, max = 127), pattern(SQL_IDENTIFIER_PATTERN))]
+    pub table: String,
+}
+
+/// Pub/Sub settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PubSubSpec {
+    /// Full topic name, `projects/PROJECT/topics/TOPIC`.
+    #[schemars(length(min = 1, max = 300), pattern(TOPIC_PATTERN))]
+    #[x_kube(validation = Rule::new("!self.matches('^projects/[^/]+/topics/goog')").message("topic id must not start with \"goog\""))]
+    pub topic: String,
+
+    /// `host:port` of a Pub/Sub emulator (development clusters only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 260), pattern(EMULATOR_HOST_PATTERN))]
+    pub emulator_host: Option<String>,
+
+    /// Secret key holding a service-account JSON key; without it the worker uses Workload
+    /// Identity / Application Default Credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the relay's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key inside the Secret.
+    #[schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// Leader-election timings, passed to the worker as `LEASE_DURATION`, `RENEW_DEADLINE`,
+/// `RETRY_PERIOD`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.renewDeadline) < duration(self.leaseDuration) && duration(self.retryPeriod) < duration(self.renewDeadline)").message("leaderElection requires retryPeriod < renewDeadline < leaseDuration"))]
+pub struct LeaderElectionSpec {
+    /// Name of the Lease (defaults to the relay's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub lease_name: Option<String>,
+    /// How long a Lease is valid without renewal.
+    #[serde(default = "default_lease_duration")]
+    #[schemars(length(min = 2, max = 32), pattern(DURATION_PATTERN))]
+    pub lease_duration: String,
+    /// How long the leader keeps trying to renew before giving up leadership.
+    #[serde(default = "default_renew_deadline")]
+    #[schemars(length(min = 2, max = 32), pattern(DURATION_PATTERN))]
+    pub renew_deadline: String,
+    /// Interval between acquisition / renewal attempts.
+    #[serde(default = "default_retry_period")]
+    #[schemars(length(min = 2, max = 32), pattern(DURATION_PATTERN))]
+    pub retry_period: String,
+}
+
+impl Default for LeaderElectionSpec {
+    fn default() -> Self {
+        Self {
+            lease_name: None,
+            lease_duration: default_lease_duration(),
+            renew_deadline: default_renew_deadline(),
+            retry_period: default_retry_period(),
+        }
+    }
+}
+
+/// Observed state, written by the operator through the status subresource.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelayStatus {
+    /// `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Worker pods that exist (from the Deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Worker pods that are ready (from the Deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Pod currently holding the relay's Lease, if the Lease is current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition, shaped like `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase machine-readable reason, e.g. `SecretNotFound`.
+    pub reason: String,
+    /// Human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// `metadata.generation` the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+fn default_table() -> String {
+    "outbox".to_owned()
+}
+fn default_lease_duration() -> String {
+    "15s".to_owned()
+}
+fn default_renew_deadline() -> String {
+    "10s".to_owned()
+}
+fn default_retry_period() -> String {
+    "2s".to_owned()
+}
+
+impl OutboxRelaySpec {
+    /// Leader-election settings with defaults filled in.
+    pub fn leader_election_or_default(&self) -> LeaderElectionSpec {
+        self.leader_election.clone().unwrap_or_default()
+    }
+}
+
+impl OutboxRelay {
+    /// Name of the Lease the workers compete for (and that status reads the leader from).
+    pub fn lease_name(&self) -> String {
+        self.spec
+            .leader_election
+            .as_ref()
+            .and_then(|le| le.lease_name.clone())
+            .unwrap_or_else(|| self.name_any())
+    }
+}
+
+/// Renders the CRD as YAML; what `outbox-operator crd` prints and `crds/` stores.
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    serde_norway::to_string(&OutboxRelay::crd())
+}
+
+/// One problem in a spec, naming the field as `kubectl` would (`spec.pubsub.topic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// All problems of an invalid spec; the text becomes the `InvalidSpec` condition message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidSpec(pub Vec<FieldError>);
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        write!(f, "invalid OutboxRelay: {}", parts.join("; "))
+    }
+}
+
+fn re(pattern: &'static str) -> Regex {
+    // The patterns are constants of this module and covered by tests.
+    Regex::new(pattern).unwrap_or_else(|e| panic!("invalid built-in pattern {pattern}: {e}"))
+}
+
+static SQL_IDENTIFIER: LazyLock<Regex> = LazyLock::new(|| re(SQL_IDENTIFIER_PATTERN));
+static TOPIC: LazyLock<Regex> = LazyLock::new(|| re(TOPIC_PATTERN));
+static EMULATOR_HOST: LazyLock<Regex> = LazyLock::new(|| re(EMULATOR_HOST_PATTERN));
+static DNS_SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| re(DNS_SUBDOMAIN_PATTERN));
+static SECRET_KEY: LazyLock<Regex> = LazyLock::new(|| re(SECRET_KEY_PATTERN));
+static DURATION: LazyLock<Regex> = LazyLock::new(|| re(DURATION_PATTERN));
+static IMAGE: LazyLock<Regex> = LazyLock::new(|| re(IMAGE_PATTERN));
+static DURATION_PART: LazyLock<Regex> = LazyLock::new(|| re(r"([0-9]+)(ms|s|m|h)"));
+
+/// Parses a duration accepted by [`DURATION_PATTERN`] (`1m30s`, `500ms`, ...).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    if !DURATION.is_match(text) {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    for cap in DURATION_PART.captures_iter(text) {
+        let n: u64 = cap.get(1)?.as_str().parse().ok()?;
+        let part = match cap.get(2)?.as_str() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            _ => return None,
+        };
+        total = total.checked_add(part)?;
+    }
+    Some(total)
+}
+
+struct Checker(Vec<FieldError>);
+
+impl Checker {
+    fn fail(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+    fn pattern(&mut self, field: &str, value: &str, regex: &Regex, pattern: &str, max: usize) {
+        if value.len() > max {
+            self.fail(field, format!("must be at most {max} characters"));
+        } else if !regex.is_match(value) {
+            self.fail(field, format!("{value:?} must match {pattern}"));
+        }
+    }
+    fn secret_ref(&mut self, field: &str, r: &SecretKeyRef) {
+        self.pattern(
+            &format!("{field}.name"),
+            &r.name,
+            &DNS_SUBDOMAIN,
+            DNS_SUBDOMAIN_PATTERN,
+            253,
+        );
+        self.pattern(
+            &format!("{field}.key"),
+            &r.key,
+            &SECRET_KEY,
+            SECRET_KEY_PATTERN,
+            253,
+        );
+    }
+}
+
+/// Validates a relay with the same rules as the CRD schema (patterns, ranges and the CEL
+/// rules). Called by `render` and by every reconcile; the error text is the `InvalidSpec`
+/// condition message.
+pub fn validate(relay: &OutboxRelay) -> Result<(), InvalidSpec> {
+    let mut c = Checker(Vec::new());
+    let name = relay.name_any();
+    if name.is_empty() {
+        c.fail("metadata.name", "is required");
+    } else if name.len() > 63 {
+        c.fail(
+            "metadata.name",
+            "must be at most 63 characters (it is used as a label value)",
+        );
+    } else if !DNS_SUBDOMAIN.is_match(&name) {
+        c.fail(
+            "metadata.name",
+            format!("{name:?} must match {DNS_SUBDOMAIN_PATTERN}"),
+        );
+    }
+    let spec = &relay.spec;
+    if !(0..=20).contains(&spec.replicas) {
+        c.fail("spec.replicas", "must be between 0 and 20");
+    }
+    c.secret_ref("spec.database.urlSecretRef", &spec.database.url_secret_ref);
+    c.pattern(
+        "spec.database.table",
+        &spec.database.table,
+        &SQL_IDENTIFIER,
+        SQL_IDENTIFIER_PATTERN,
+        127,
+    );
+    let topic = &spec.pubsub.topic;
+    c.pattern("spec.pubsub.topic", topic, &TOPIC, TOPIC_PATTERN, 300);
+    if TOPIC.is_match(topic)
+        && topic
+            .split_once("/topics/")
+            .is_some_and(|(_, id)| id.starts_with("goog"))
+    {
+        c.fail("spec.pubsub.topic", "topic id must not start with \"goog\"");
+    }
+    if let Some(host) = &spec.pubsub.emulator_host {
+        c.pattern(
+            "spec.pubsub.emulatorHost",
+            host,
+            &EMULATOR_HOST,
+            EMULATOR_HOST_PATTERN,
+            260,
+        );
+    }
+    if let Some(r) = &spec.pubsub.credentials_secret_ref {
+        c.secret_ref("spec.pubsub.credentialsSecretRef", r);
+    }
+    if let Some(b) = spec.batch_size
+        && !(1..=1000).contains(&b)
+    {
+        c.fail("spec.batchSize", "must be between 1 and 1000");
+    }
+    if let Some(image) = &spec.image {
+        if image.is_empty() {
+            c.fail("spec.image", "must not be empty");
+        } else {
+            c.pattern("spec.image", image, &IMAGE, IMAGE_PATTERN, 512);
+        }
+    }
+    if let Some(le) = &spec.leader_election {
+        if let Some(lease) = &le.lease_name {
+            c.pattern(
+                "spec.leaderElection.leaseName",
+                lease,
+                &DNS_SUBDOMAIN,
+                DNS_SUBDOMAIN_PATTERN,
+                253,
+            );
+        }
+        let mut parsed = Vec::new();
+        for (field, value) in [
+            ("spec.leaderElection.leaseDuration", &le.lease_duration),
+            ("spec.leaderElection.renewDeadline", &le.renew_deadline),
+            ("spec.leaderElection.retryPeriod", &le.retry_period),
+        ] {
+            match parse_duration(value).filter(|_| value.len() <= 32) {
+                Some(d) => parsed.push(d),
+                None => c.fail(field, format!("{value:?} must match {DURATION_PATTERN}")),
+            }
+        }
+        if let [lease, renew, retry] = parsed[..]
+            && !(renew < lease && retry < renew)
+        {
+            c.fail(
+                "spec.leaderElection",
+                "leaderElection requires retryPeriod < renewDeadline < leaseDuration",
+            );
+        }
+    }
+    if c.0.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(c.0))
+    }
+}

@@ -1,0 +1,102 @@
+//! The generated CRD.
+
+use kube::CustomResourceExt;
+use outbox_operator::crd::{OutboxRelay, crd_yaml};
+use serde_json::json;
+
+use crate::common::crate_dir;
+
+#[test]
+fn crds_dir_matches_generated_crd() {
+    let path = crate_dir().join("../crds/outboxrelays.outbox.dev.yaml");
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    let generated = crd_yaml().expect("crd yaml");
+    assert!(
+        on_disk == generated,
+        "{} is out of date with the OutboxRelay types: run `make crds` \
+         (cargo run -q -p operator -- crd > crds/outboxrelays.outbox.dev.yaml)",
+        path.display()
+    );
+}
+
+#[test]
+fn names_scope_and_subresources() {
+    let crd = serde_json::to_value(OutboxRelay::crd()).expect("json");
+    assert_eq!(crd["metadata"]["name"], "outboxrelays.outbox.dev");
+    let spec = &crd["spec"];
+    assert_eq!(spec["group"], "outbox.dev");
+    assert_eq!(spec["scope"], "Namespaced");
+    assert_eq!(spec["names"]["kind"], "OutboxRelay");
+    assert_eq!(spec["names"]["plural"], "outboxrelays");
+    assert_eq!(spec["names"]["shortNames"], json!(["obr"]));
+    let version = &spec["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["served"], true);
+    assert_eq!(version["storage"], true);
+    assert_eq!(version["subresources"]["status"], json!({}));
+}
+
+#[test]
+fn printer_columns() {
+    let crd = serde_json::to_value(OutboxRelay::crd()).expect("json");
+    let columns = &crd["spec"]["versions"][0]["additionalPrinterColumns"];
+    let summary: Vec<(String, String)> = columns
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or_default().to_uppercase(),
+                c["jsonPath"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("TOPIC".to_string(), ".spec.pubsub.topic".to_string()),
+            ("REPLICAS".into(), ".spec.replicas".into()),
+            ("READY".into(), ".status.readyReplicas".into()),
+            ("LEADER".into(), ".status.leader".into()),
+            ("AGE".into(), ".metadata.creationTimestamp".into()),
+        ]
+    );
+}
+
+#[test]
+fn schema_carries_validation() {
+    let crd = serde_json::to_value(OutboxRelay::crd()).expect("json");
+    let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let spec = &root["properties"]["spec"];
+    assert_eq!(spec["required"], json!(["database", "pubsub"]));
+    assert_eq!(spec["properties"]["replicas"]["default"], 2);
+    assert_eq!(
+        spec["properties"]["replicas"]["minimum"].as_f64(),
+        Some(0.0)
+    );
+    let db = &spec["properties"]["database"];
+    assert_eq!(db["properties"]["table"]["default"], "outbox");
+    assert_eq!(
+        db["properties"]["table"]["pattern"],
+        outbox_operator::crd::SQL_IDENTIFIER_PATTERN
+    );
+    let topic = &spec["properties"]["pubsub"]["properties"]["topic"];
+    assert_eq!(topic["pattern"], outbox_operator::crd::TOPIC_PATTERN);
+    assert_eq!(
+        topic["x-kubernetes-validations"][0]["rule"],
+        outbox_operator::crd::TOPIC_NOT_GOOG_RULE
+    );
+    let le = &spec["properties"]["leaderElection"];
+    assert_eq!(
+        le["x-kubernetes-validations"][0]["rule"],
+        outbox_operator::crd::LEADER_TIMINGS_RULE
+    );
+    assert_eq!(le["properties"]["leaseDuration"]["default"], "15s");
+    assert_eq!(
+        root["x-kubernetes-validations"][0]["rule"],
+        outbox_operator::crd::NAME_LENGTH_RULE
+    );
+    let conditions = &root["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+}
