@@ -2,6 +2,7 @@
 //!
 //! Where to look:
 //! - [`relay`]: the outbox relay, PostgreSQL → Pub/Sub (claim, publish, acknowledge).
+//! - [`leader`]: leader election (Kubernetes Lease, PostgreSQL advisory lock).
 //! - [`health`]: the HTTP probes (`/healthz`, `/readyz`) and `/metrics`.
 //! - [`metrics`]: the Prometheus metrics the workers export.
 //! - [`db`]: connecting to PostgreSQL and the embedded migrations.
@@ -12,6 +13,7 @@ pub mod backoff;
 pub mod db;
 pub mod health;
 pub mod ident;
+pub mod leader;
 pub mod metrics;
 pub mod pubsub;
 pub mod relay;

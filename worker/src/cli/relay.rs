@@ -14,7 +14,9 @@ use outbox_worker::metrics::RelayMetrics;
 use outbox_worker::pubsub::{self, Batching, Endpoint, Publishers};
 use outbox_worker::relay::store::OutboxStore;
 use outbox_worker::relay::{Relay, RelayConfig};
+use outbox_worker::leader::{self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector};
 use outbox_worker::{db, relay, shutdown};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct RelayArgs {
@@ -62,6 +64,92 @@ pub struct RelayArgs {
     /// Apply the migrations before relaying.
     #[arg(long, env = "MIGRATE", default_value_t = false)]
     migrate: bool,
+    #[command(flatten)]
+    election: ElectionArgs,
+}
+
+/// Leader election flags (see `outbox_worker::leader`).
+#[derive(Args)]
+pub struct ElectionArgs {
+    /// Which lock decides the leader: kubernetes (a Lease), postgres (an
+    /// advisory lock) or none. Default: kubernetes inside a pod, else postgres.
+    #[arg(long, env = "LEADER_ELECTION", value_enum)]
+    leader_election: Option<Backend>,
+    /// Name of the Lease (kubernetes backend). Default: outbox-relay-<table>.
+    #[arg(long, env = "LEASE_NAME")]
+    lease_name: Option<String>,
+    /// Namespace of the Lease. Default: the pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity. Default: the host (pod) name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long a leader's lock stays valid without renewal.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+    /// How long a leader keeps leading without a confirmed renewal.
+    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = duration)]
+    renew_deadline: Duration,
+    /// Time between renewals and between acquisition attempts.
+    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = duration)]
+    retry_period: Duration,
+}
+
+impl ElectionArgs {
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("outbox-worker-{}", std::process::id()))
+        })
+    }
+
+    /// Starts the elector; the sender keeps a `none` election alive.
+    async fn start(
+        &self,
+        options: &sqlx::postgres::PgConnectOptions,
+        table: &TableName,
+        release: CancellationToken,
+    ) -> anyhow::Result<(Leadership, Option<tokio::task::JoinHandle<()>>, Option<tokio::sync::watch::Sender<bool>>)> {
+        let timings = Timings {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.renew_deadline,
+            retry_period: self.retry_period,
+        };
+        timings.validate()?;
+        let identity = self.identity();
+        let backend = self.leader_election.unwrap_or_else(Backend::detect);
+        tracing::info!(?backend, %identity, "leader election");
+        Ok(match backend {
+            Backend::None => {
+                let (tx, rx) = leader::always_leader();
+                (rx, None, Some(tx))
+            }
+            Backend::Postgres => {
+                let (rx, task) = PgElector::new(options.clone(), table.clone(), timings, identity).spawn(release);
+                (rx, Some(task), None)
+            }
+            Backend::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("--leader-election kubernetes needs in-cluster credentials or a kubeconfig")?;
+                let namespace = self
+                    .lease_namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_owned());
+                let name = self
+                    .lease_name
+                    .clone()
+                    .unwrap_or_else(|| format!("outbox-relay-{}", table.name().replace('_', "-").to_lowercase()));
+                tracing::info!(lease = %name, %namespace, "using a Kubernetes Lease");
+                let api = kube::Api::namespaced(client, &namespace);
+                let (rx, task) = LeaseElector::new(api, name, identity, timings).spawn(release);
+                (rx, Some(task), None)
+            }
+        })
+    }
 }
 
 /// Runs the relay until SIGTERM.
@@ -69,7 +157,12 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signal();
     let options = db::connect_options(&args.database.database_url)?;
     tracing::info!(database = %db::describe(&options), "connecting lazily");
-    let pool = db::lazy_pool(options, args.pipeline_depth + 3);
+    // A claim of a leader that went silent must not hold its rows forever.
+    let idle_tx_timeout = (args.publish_timeout + Duration::from_secs(10)).as_millis().to_string();
+    let pool = db::lazy_pool(
+        options.clone().options([("idle_in_transaction_session_timeout", idle_tx_timeout.as_str())]),
+        args.pipeline_depth + 3,
+    );
     if args.migrate {
         db::migrate(&pool).await.context("applying migrations")?;
     }
@@ -91,7 +184,6 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = RelayMetrics::register(&mut registry);
-    metrics.is_leader.set(1);
     let registry = Arc::new(registry);
     let health = Health::new(args.liveness_timeout);
     let store = OutboxStore::new(args.table.clone())?;
@@ -129,15 +221,23 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         retry_min: args.retry_min,
         retry_max: args.retry_max,
     };
-    let relay = Relay::new(
+    let mut relay = Relay::new(
         config,
         pool.clone(),
         store,
         Publishers::new(base, Batching::default()),
-        metrics,
+        metrics.clone(),
         health,
     );
-    let result = relay.run(stop.clone()).await;
+    let release = CancellationToken::new();
+    let (mut leadership, elector, _keep) = args.election.start(&options, &args.table, release.clone()).await?;
+    let result = lead_while_elected(&mut relay, &mut leadership, &metrics, &stop).await;
+    // Release only after the in-flight batches were finished, so the next
+    // leader starts after our last commit.
+    release.cancel();
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
     stop.cancel();
     watcher_stop.cancel();
     let _ = watcher.await;
@@ -148,4 +248,32 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     pool.close().await;
     result.context("relay failed")
+}
+
+/// Relays during each term of leadership, stands by in between.
+async fn lead_while_elected(
+    relay: &mut Relay,
+    leadership: &mut Leadership,
+    metrics: &RelayMetrics,
+    stop: &CancellationToken,
+) -> Result<(), outbox_worker::relay::RelayError> {
+    loop {
+        tracing::info!("standing by until elected");
+        if !leader::wait_until_leading(leadership, stop).await {
+            return Ok(());
+        }
+        metrics.is_leader.set(1);
+        metrics.leader_transitions.inc();
+        tracing::info!("leading: relaying");
+        let lost = leader::lost_token(leadership.clone());
+        let result = relay.run(stop, &lost).await;
+        metrics.is_leader.set(0);
+        metrics.leader_transitions.inc();
+        lost.cancel();
+        result?;
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        tracing::warn!("no longer leading: standing by");
+    }
 }

@@ -130,11 +130,35 @@ impl Relay {
         }
     }
 
-    /// Runs until `stop` is cancelled, then finishes or releases what is in
-    /// flight within the shutdown timeout. Database and Pub/Sub outages are
-    /// retried forever; only a misconfigured table stops the relay.
-    pub async fn run(mut self, stop: CancellationToken) -> Result<(), RelayError> {
-        self.wait_for_tables(&stop).await?;
+    /// Relays while this replica leads.
+    ///
+    /// Returns when `stop` is cancelled (shutdown: finish or release what is in
+    /// flight within the shutdown timeout) or when `lost` is cancelled
+    /// (leadership lost: roll every in-flight claim back at once, so that the
+    /// next leader publishes those rows again instead of this replica
+    /// committing half of them). Database and Pub/Sub outages are retried
+    /// forever; only a misconfigured table stops the relay.
+    pub async fn run(
+        &mut self,
+        stop: &CancellationToken,
+        lost: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let either = CancellationToken::new();
+        let _guard = either.clone().drop_guard();
+        {
+            let (either, stop, lost) = (either.clone(), stop.clone(), lost.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {},
+                    _ = lost.cancelled() => {},
+                    _ = either.cancelled() => {},
+                }
+                either.cancel();
+            });
+        }
+        let stop = &either;
+        self.wait_for_tables(stop).await?;
+        self.wait_for_previous_claims(stop).await;
         info!(
             table = %self.store.table(),
             topic = %self.config.topic,
@@ -170,7 +194,12 @@ impl Relay {
 
             // 2.+3. Settle and finish the oldest batch.
             if let Some(batch) = in_flight.pop_front() {
-                let failed = match self.complete(batch).await {
+                let completed = tokio::select! {
+                    completed = self.complete(batch) => completed,
+                    // Leadership lost: dropping the batch rolls its claim back.
+                    _ = lost.cancelled() => continue,
+                };
+                let failed = match completed {
                     Ok(outcome) => {
                         let keys = outcome.paused_keys;
                         if outcome.retry > 0 {
@@ -224,9 +253,63 @@ impl Relay {
             more = true;
         }
 
-        self.drain(in_flight).await;
-        info!("relay stopped");
+        if lost.is_cancelled() {
+            self.abandon(in_flight);
+            info!("relay stopped: leadership lost");
+        } else {
+            self.drain(in_flight).await;
+            info!("relay stopped");
+        }
         Ok(())
+    }
+
+    /// Rolls back every in-flight claim (dropping a batch rolls back its
+    /// transaction) and un-pauses their ordering keys for the next term.
+    fn abandon(&mut self, in_flight: VecDeque<Batch>) {
+        let rows: usize = in_flight.iter().map(|b| b.entries.len()).sum();
+        if rows > 0 {
+            warn!(rows, "rolling back in-flight claims; the next leader publishes them again");
+        }
+        let keys: BTreeSet<_> = in_flight
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .filter(|e| !e.ordering_key.is_empty())
+            .filter_map(|e| Some((e.topic.clone()?, e.ordering_key.clone())))
+            .collect();
+        drop(in_flight);
+        self.resume(&keys);
+    }
+
+    /// A new leader must not claim past rows that a previous leader still
+    /// holds locked (a partitioned leader's transaction lingers until the
+    /// server times it out): claims skip locked rows, which would publish a
+    /// key's later rows before its earlier ones. So wait until no other
+    /// session holds row locks on the outbox table.
+    async fn wait_for_previous_claims(&self, stop: &CancellationToken) {
+        let started = Instant::now();
+        let mut reported = false;
+        while !stop.is_cancelled() {
+            match self.store.other_claimers(&self.pool).await {
+                Ok(pids) if pids.is_empty() => {
+                    if reported {
+                        info!(waited_ms = started.elapsed().as_millis() as u64, "previous claims ended");
+                    }
+                    return;
+                }
+                Ok(pids) => {
+                    if !reported && started.elapsed() > Duration::from_secs(1) {
+                        warn!(?pids, "waiting for another session's claims on the outbox to end (a previous leader?)");
+                        reported = true;
+                    }
+                }
+                Err(e) => self.database_failed("fence", &e),
+            }
+            self.health.heartbeat();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {},
+                _ = stop.cancelled() => {},
+            }
+        }
     }
 
     /// Stage 1: claim a batch and hand its rows to the publisher.

@@ -173,6 +173,18 @@ impl OutboxStore {
         Ok(())
     }
 
+    /// Backends of other sessions that hold row locks (claims) on the outbox.
+    pub async fn other_claimers(&self, pool: &PgPool) -> Result<Vec<i32>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT pid FROM pg_locks \
+             WHERE locktype = 'relation' AND relation = $1::regclass \
+               AND mode = 'RowShareLock' AND granted AND pid <> pg_backend_pid()",
+        )
+        .bind(self.table.quoted())
+        .fetch_all(pool)
+        .await
+    }
+
     /// Pending rows, for the backlog gauge.
     pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))

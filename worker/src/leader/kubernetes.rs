@@ -1,0 +1,224 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, with client-go's
+//! semantics.
+//!
+//! Why not a crate: `kube-lease-manager` (the maintained option for kube 5)
+//! keeps reporting leadership while renewals fail, with no renew deadline, so
+//! a cut-off leader would keep publishing after its lease expired. This module
+//! is the small part we need, tested against a stand-in API server that
+//! rejects stale writes (`tests/lease.rs`).
+//!
+//! - Writes carry the `resourceVersion` that was read, so two candidates racing
+//!   for one Lease cannot both win: the API server answers 409 to the loser.
+//! - Expiry is judged by the candidate's own clock: a Lease is expired when its
+//!   record (holder, renew time) has not changed for `lease_duration` since this
+//!   candidate first saw it, which tolerates clock skew between nodes.
+//! - The leader gives up when it has not renewed for `renew_deadline`, before
+//!   anyone can consider the Lease expired.
+//! - On release the holder is cleared, so a standby acquires at its next retry.
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Leadership, Timings};
+
+/// Elects a leader through one Lease.
+pub struct LeaseElector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    timings: Timings,
+    /// The last Lease record seen, and when it was first seen by us.
+    observed: Option<(Record, Instant)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    holder: String,
+    renew_time: Option<Timestamp>,
+    transitions: i32,
+}
+
+/// What one acquire-or-renew attempt found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// We hold the Lease (acquired or renewed).
+    Holding,
+    /// Someone else holds an unexpired Lease, or won the race.
+    HeldByOther(String),
+}
+
+impl LeaseElector {
+    /// `api` is namespaced to where the Lease lives.
+    pub fn new(api: Api<Lease>, name: String, identity: String, timings: Timings) -> Self {
+        LeaseElector {
+            api,
+            name,
+            identity,
+            timings,
+            observed: None,
+        }
+    }
+
+    /// Runs the election until `release` is cancelled, then releases.
+    pub fn spawn(self, release: CancellationToken) -> (Leadership, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(self.run(tx, release));
+        (rx, task)
+    }
+
+    async fn run(mut self, tx: watch::Sender<bool>, release: CancellationToken) {
+        let mut leading = false;
+        let mut renewed = Instant::now();
+        loop {
+            let attempt = if leading {
+                let left = self.timings.renew_deadline.saturating_sub(renewed.elapsed());
+                tokio::time::timeout(left, self.try_acquire_or_renew())
+                    .await
+                    .unwrap_or_else(|_| Err(kube::Error::Service("renewal timed out".into())))
+            } else {
+                self.try_acquire_or_renew().await
+            };
+            match attempt {
+                Ok(Attempt::Holding) => {
+                    renewed = Instant::now();
+                    if !leading {
+                        leading = true;
+                        info!(identity = %self.identity, lease = %self.name, "became leader (Lease acquired)");
+                        let _ = tx.send(true);
+                    }
+                }
+                Ok(Attempt::HeldByOther(holder)) => {
+                    if leading {
+                        leading = false;
+                        warn!(identity = %self.identity, %holder, "lost leadership: the Lease was taken over");
+                        let _ = tx.send(false);
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "Lease request failed");
+                    if leading && renewed.elapsed() >= self.timings.renew_deadline {
+                        leading = false;
+                        warn!(identity = %self.identity, error = %e, "lost leadership: could not renew the Lease within the renew deadline");
+                        let _ = tx.send(false);
+                    }
+                }
+            }
+            if leading && renewed.elapsed() >= self.timings.renew_deadline {
+                leading = false;
+                let _ = tx.send(false);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.timings.retry_period) => {},
+                _ = release.cancelled() => break,
+            }
+        }
+        let _ = tx.send(false);
+        if leading {
+            match tokio::time::timeout(Duration::from_secs(2), self.release()).await {
+                Ok(Ok(())) => info!(identity = %self.identity, "released the Lease"),
+                Ok(Err(e)) => warn!(error = %e, "could not release the Lease; it expires by itself"),
+                Err(_) => warn!("releasing the Lease timed out; it expires by itself"),
+            }
+        }
+    }
+
+    fn now() -> MicroTime {
+        MicroTime(Timestamp::now())
+    }
+
+    fn record(lease: &Lease) -> Record {
+        let spec = lease.spec.clone().unwrap_or_default();
+        Record {
+            holder: spec.holder_identity.unwrap_or_default(),
+            renew_time: spec.renew_time.map(|t| t.0),
+            transitions: spec.lease_transitions.unwrap_or(0),
+        }
+    }
+
+    /// One step of the protocol: create, take over an expired or free Lease,
+    /// or renew our own.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, kube::Error> {
+        let duration_seconds = self.timings.lease_duration.as_secs().max(1) as i32;
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(duration_seconds),
+                    acquire_time: Some(Self::now()),
+                    renew_time: Some(Self::now()),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(Attempt::Holding),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther(String::new())),
+                Err(e) => Err(e),
+            };
+        };
+
+        let record = Self::record(&lease);
+        let now = Instant::now();
+        let first_seen = match &self.observed {
+            Some((seen, at)) if *seen == record => *at,
+            _ => now,
+        };
+        self.observed = Some((record.clone(), first_seen));
+        let ours = record.holder == self.identity;
+        let free = record.holder.is_empty();
+        let expired = now.duration_since(first_seen) >= self.timings.lease_duration;
+        if !ours && !free && !expired {
+            return Ok(Attempt::HeldByOther(record.holder));
+        }
+
+        let mut spec = lease.spec.take().unwrap_or_default();
+        if !ours {
+            spec.acquire_time = Some(Self::now());
+            spec.lease_transitions = Some(record.transitions + if free { 0 } else { 1 });
+        }
+        spec.holder_identity = Some(self.identity.clone());
+        spec.lease_duration_seconds = Some(duration_seconds);
+        spec.renew_time = Some(Self::now());
+        lease.spec = Some(spec);
+        // `lease.metadata.resource_version` is the one we read: a concurrent
+        // writer makes this a 409.
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(updated) => {
+                self.observed = Some((Self::record(&updated), Instant::now()));
+                Ok(Attempt::Holding)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther(String::new())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Clears the holder if it is still us, so a standby need not wait for
+    /// expiry.
+    pub async fn release(&mut self) -> Result<(), kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let mut spec = lease.spec.take().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(Self::now());
+        lease.spec = Some(spec);
+        self.api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,163 @@
+//! Leader election on a PostgreSQL advisory lock.
+//!
+//! The lock is session-level and held on a dedicated connection: if the
+//! connection dies, so does leadership. The key is derived from the outbox
+//! table's OID, so relays of different tables never contend, and no extra
+//! permission is needed.
+//!
+//! Timings map onto PostgreSQL like this:
+//! - **retry period**: the leader confirms its session with a round trip.
+//! - **renew deadline**: without a confirmed round trip for this long, the
+//!   leader reports that it lost leadership and stops claiming.
+//! - **lease duration**: the lock session runs with `idle_session_timeout` set
+//!   to it, so the server ends the session of a leader that went silent (a
+//!   network partition without RST) and frees the lock for a standby.
+//!
+//! Candidates wait in `pg_advisory_lock` (bounded by `lock_timeout`), so they
+//! take over the moment the lock is released: within milliseconds after a
+//! graceful shutdown or a crash that closes the socket.
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Leadership, Timings};
+use crate::ident::TableName;
+
+/// High half of the advisory lock key ("obr" for OutboxRelay); the low half is
+/// the table's OID.
+const KEY_SPACE: i64 = 0x6f_62_72;
+
+/// Elects a leader among the relays of one outbox table.
+pub struct PgElector {
+    options: PgConnectOptions,
+    table: TableName,
+    timings: Timings,
+    identity: String,
+}
+
+impl PgElector {
+    /// `options` are the relay's connection options; a separate connection is
+    /// opened for the lock.
+    pub fn new(options: PgConnectOptions, table: TableName, timings: Timings, identity: String) -> Self {
+        PgElector {
+            options,
+            table,
+            timings,
+            identity,
+        }
+    }
+
+    /// Runs the election until `release` is cancelled, then releases the lock.
+    pub fn spawn(self, release: CancellationToken) -> (Leadership, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(self.run(tx, release));
+        (rx, task)
+    }
+
+    async fn run(self, tx: watch::Sender<bool>, release: CancellationToken) {
+        while !release.is_cancelled() {
+            match self.acquire(&release).await {
+                Ok(Some((conn, key))) => {
+                    info!(identity = %self.identity, table = %self.table, "became leader (advisory lock acquired)");
+                    let _ = tx.send(true);
+                    let released = self.lead(conn, key, &release).await;
+                    let _ = tx.send(false);
+                    if released {
+                        info!(identity = %self.identity, "released leadership");
+                        return;
+                    }
+                    warn!(identity = %self.identity, "lost leadership: the lock connection could not be confirmed within the renew deadline");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = %e, "leader election: cannot reach the database; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.timings.retry_period) => {},
+                        _ = release.cancelled() => {},
+                    }
+                }
+            }
+        }
+        let _ = tx.send(false);
+    }
+
+    async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
+        let lease_ms = self.timings.lease_duration.as_millis().to_string();
+        let options = self
+            .options
+            .clone()
+            .application_name(&format!("outbox-worker leader {}", self.identity))
+            .options([
+                // The server ends a leader's session that stops confirming itself.
+                ("idle_session_timeout", lease_ms.as_str()),
+                // Candidates wait for the lock at most this long per attempt.
+                ("lock_timeout", lease_ms.as_str()),
+            ])
+            .disable_statement_logging();
+        tokio::time::timeout(self.timings.renew_deadline, options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+    }
+
+    /// Waits for the lock. `Ok(None)`: an attempt timed out (try again).
+    async fn acquire(
+        &self,
+        release: &CancellationToken,
+    ) -> Result<Option<(PgConnection, i64)>, sqlx::Error> {
+        let mut conn = self.connect().await?;
+        let oid: i64 = sqlx::query_scalar("SELECT $1::regclass::oid::bigint")
+            .bind(self.table.quoted())
+            .fetch_one(&mut conn)
+            .await?;
+        let key = (KEY_SPACE << 32) | oid;
+        // Bounded on the server by lock_timeout and here by a little more, in
+        // case the connection itself went silent.
+        let wait = self.timings.lease_duration + self.timings.retry_period;
+        let attempt = sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut conn);
+        tokio::select! {
+            result = tokio::time::timeout(wait, attempt) => match result {
+                Ok(Ok(_)) => Ok(Some((conn, key))),
+                // 55P03: lock_timeout; someone else leads.
+                Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("55P03") => Ok(None),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Ok(None),
+            },
+            // Dropping the connection withdraws the lock request.
+            _ = release.cancelled() => Ok(None),
+        }
+    }
+
+    /// Confirms the session every retry period. Returns `true` when released
+    /// on request, `false` when leadership was lost.
+    async fn lead(&self, mut conn: PgConnection, key: i64, release: &CancellationToken) -> bool {
+        let mut confirmed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.timings.retry_period) => {},
+                _ = release.cancelled() => {
+                    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut conn);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), unlock).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
+                    return true;
+                }
+            }
+            let left = self.timings.renew_deadline.saturating_sub(confirmed.elapsed());
+            let ping = sqlx::query("SELECT 1").execute(&mut conn);
+            match tokio::time::timeout(left, ping).await {
+                Ok(Ok(_)) => confirmed = Instant::now(),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "leader lock connection failed");
+                    return false;
+                }
+                Err(_) => return false,
+            }
+            if confirmed.elapsed() >= self.timings.renew_deadline {
+                return false;
+            }
+        }
+    }
+}
