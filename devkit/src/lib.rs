@@ -9,11 +9,13 @@ pub mod collector;
 pub mod emulator;
 pub mod postgres;
 mod process;
+pub mod proxy;
 pub mod worker;
 
 pub use collector::{Collector, Received};
 pub use emulator::Emulator;
 pub use postgres::Postgres;
+pub use proxy::Proxy;
 pub use worker::WorkerProcess;
 
 use std::time::{Duration, Instant};

@@ -177,7 +177,12 @@ impl Relay {
 
             // 1. Claim while there is room in the pipeline and rows to claim.
             if more && retry_at.is_none() && in_flight.len() < self.config.pipeline_depth {
-                match self.claim().await {
+                let claimed = tokio::select! {
+                    claimed = self.claim() => claimed,
+                    // Leadership lost mid-claim: the claim rolls back.
+                    _ = lost.cancelled() => continue,
+                };
+                match claimed {
                     Ok(Some(batch)) => {
                         more = batch.full;
                         in_flight.push_back(batch);

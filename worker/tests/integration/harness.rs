@@ -136,25 +136,25 @@ impl TestEnv {
 
     /// Starts the real relay binary against this environment.
     pub fn spawn_relay(&self, extra: &[&str]) -> WorkerProcess {
+        self.spawn_relay_with(extra, &[])
+    }
+
+    /// Starts the relay with extra flags and environment (later entries win).
+    pub fn spawn_relay_with(&self, extra: &[&str], env: &[(&str, String)]) -> WorkerProcess {
         let port = devkit::free_port().expect("free port");
         let log = log_dir().join(format!("{}-relay-{port}.log", self.name));
         let mut args = vec!["relay"];
         args.extend_from_slice(extra);
-        WorkerProcess::spawn(
-            &worker_binary(),
-            &args,
-            &[
-                ("DATABASE_URL", self.database_url.clone()),
-                ("PUBSUB_TOPIC", self.topic.clone()),
-                ("PUBSUB_EMULATOR_HOST", self.emulator_host.clone()),
-                ("RETRY_MAX", "1s".to_owned()),
-                ("PROBE_INTERVAL", "500ms".to_owned()),
-                ("RUST_LOG", "info,outbox_worker=debug".to_owned()),
-            ],
-            port,
-            log,
-        )
-        .expect("spawn relay")
+        let mut all = vec![
+            ("DATABASE_URL", self.database_url.clone()),
+            ("PUBSUB_TOPIC", self.topic.clone()),
+            ("PUBSUB_EMULATOR_HOST", self.emulator_host.clone()),
+            ("RETRY_MAX", "1s".to_owned()),
+            ("PROBE_INTERVAL", "500ms".to_owned()),
+            ("RUST_LOG", "info,outbox_worker=debug".to_owned()),
+        ];
+        all.extend(env.iter().cloned());
+        WorkerProcess::spawn(&worker_binary(), &args, &all, port, log).expect("spawn relay")
     }
 
     /// Rows still pending in the outbox.

@@ -3,9 +3,11 @@
 //! binary, so the crates link once.
 
 mod harness;
+mod lease;
 
 mod crash;
 mod dead_letter;
+mod failover;
 mod delivery;
 mod ordering;
 mod outage;

@@ -1,0 +1,262 @@
+//! The Kubernetes Lease backend against a stand-in API server (no API server
+//! runs on the test machines). The stand-in keeps Lease objects, bumps
+//! `resourceVersion` on every write and answers 409 Conflict to a write that
+//! carries a stale one, like the real API server; each client can be cut off.
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use outbox_worker::leader::kubernetes::LeaseElector;
+use outbox_worker::leader::{Leadership, Timings};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "relays";
+const NAME: &str = "orders-relay";
+
+#[derive(Default)]
+struct Store {
+    leases: HashMap<String, Value>,
+    version: u64,
+}
+
+/// The stand-in: shared state, one client per candidate.
+#[derive(Clone, Default)]
+struct FakeApiServer {
+    store: Arc<Mutex<Store>>,
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> (StatusCode, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code.as_u16(),
+               "reason": reason, "message": message}),
+    )
+}
+
+impl FakeApiServer {
+    fn handle(&self, method: &Method, path: &str, body: &[u8]) -> (StatusCode, Value) {
+        let prefix = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases");
+        let Some(rest) = path.strip_prefix(&prefix) else {
+            return status(StatusCode::NOT_FOUND, "NotFound", "unknown path");
+        };
+        let name = rest.trim_start_matches('/');
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        match (method.clone(), name.is_empty()) {
+            (Method::GET, false) => match store.leases.get(name) {
+                Some(lease) => (StatusCode::OK, lease.clone()),
+                None => status(StatusCode::NOT_FOUND, "NotFound", "lease not found"),
+            },
+            (Method::POST, true) => {
+                let mut lease: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let name = lease["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                if store.leases.contains_key(&name) {
+                    return status(StatusCode::CONFLICT, "AlreadyExists", "lease already exists");
+                }
+                store.version += 1;
+                lease["metadata"]["resourceVersion"] = json!(store.version.to_string());
+                lease["metadata"]["namespace"] = json!(NS);
+                store.leases.insert(name, lease.clone());
+                (StatusCode::CREATED, lease)
+            }
+            (Method::PUT, false) => {
+                let mut lease: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let Some(current) = store.leases.get(name) else {
+                    return status(StatusCode::NOT_FOUND, "NotFound", "lease not found");
+                };
+                let sent = lease["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+                if sent != current["metadata"]["resourceVersion"].as_str().unwrap_or_default() {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        "the object has been modified; please apply your changes to the latest version",
+                    );
+                }
+                store.version += 1;
+                lease["metadata"]["resourceVersion"] = json!(store.version.to_string());
+                store.leases.insert(name.to_owned(), lease.clone());
+                (StatusCode::OK, lease)
+            }
+            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "unsupported"),
+        }
+    }
+
+    /// A client whose requests fail with 503 while `cut` is set.
+    fn client(&self, cut: Arc<AtomicBool>) -> kube::Client {
+        let api = self.clone();
+        let service = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let api = api.clone();
+            let cut = cut.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let (code, value) = if cut.load(Ordering::SeqCst) {
+                    status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "cut off")
+                } else {
+                    api.handle(&parts.method, parts.uri.path(), &bytes)
+                };
+                let mut response = Response::new(Full::new(bytes::Bytes::from(value.to_string())));
+                *response.status_mut() = code;
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                Ok::<_, Infallible>(response)
+            }
+        });
+        kube::Client::new(service, NS)
+    }
+
+    fn lease(&self) -> Option<Value> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).leases.get(NAME).cloned()
+    }
+
+    fn holder(&self) -> String {
+        self.lease()
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+fn timings() -> Timings {
+    Timings {
+        lease_duration: Duration::from_millis(1500),
+        renew_deadline: Duration::from_millis(1000),
+        retry_period: Duration::from_millis(100),
+    }
+}
+
+struct Candidate {
+    leadership: Leadership,
+    release: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    cut: Arc<AtomicBool>,
+}
+
+fn candidate(api: &FakeApiServer, identity: &str) -> Candidate {
+    let cut = Arc::new(AtomicBool::new(false));
+    let leases: Api<Lease> = Api::namespaced(api.client(cut.clone()), NS);
+    let release = CancellationToken::new();
+    let elector = LeaseElector::new(leases, NAME.to_owned(), identity.to_owned(), timings());
+    let (leadership, task) = elector.spawn(release.clone());
+    Candidate {
+        leadership,
+        release,
+        task,
+        cut,
+    }
+}
+
+async fn until(what: &str, mut leadership: Leadership, leading: bool) -> Duration {
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), leadership.wait_for(|l| *l == leading))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap_or_else(|_| panic!("elector stopped while waiting for {what}"));
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn acquires_a_missing_lease_and_renews_it() {
+    let api = FakeApiServer::default();
+    let a = candidate(&api, "pod-a");
+    until("acquire", a.leadership.clone(), true).await;
+    let lease = api.lease().expect("lease created");
+    assert_eq!(lease["spec"]["holderIdentity"], "pod-a");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(lease["spec"]["leaseTransitions"], 0);
+    let first_renew = lease["spec"]["renewTime"].clone();
+    let version = lease["metadata"]["resourceVersion"].clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while api.lease().map(|l| l["spec"]["renewTime"].clone()) == Some(first_renew.clone()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("renewed");
+    let lease = api.lease().expect("lease");
+    assert_ne!(lease["metadata"]["resourceVersion"], version);
+    assert!(*a.leadership.borrow(), "still leading after renewals");
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_an_expired_lease() {
+    let api = FakeApiServer::default();
+    let a = candidate(&api, "pod-a");
+    until("a leads", a.leadership.clone(), true).await;
+    let b = candidate(&api, "pod-b");
+    // A dies without releasing (its task stops renewing).
+    a.task.abort();
+    let waited = until("b takes over", b.leadership.clone(), true).await;
+    assert!(
+        waited >= timings().lease_duration - Duration::from_millis(200),
+        "took over after {waited:?}, before the lease could expire"
+    );
+    assert_eq!(api.holder(), "pod-b");
+    assert_eq!(api.lease().expect("lease")["spec"]["leaseTransitions"], 1);
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_steps_down_before_anyone_takes_over() {
+    let api = FakeApiServer::default();
+    let a = candidate(&api, "pod-a");
+    until("a leads", a.leadership.clone(), true).await;
+    let b = candidate(&api, "pod-b");
+    a.cut.store(true, Ordering::SeqCst);
+    let cut = Instant::now();
+    until("a steps down", a.leadership.clone(), false).await;
+    let stepped_down = cut.elapsed();
+    until("b takes over", b.leadership.clone(), true).await;
+    let taken_over = cut.elapsed();
+    println!("lease: A stepped down {stepped_down:?} after the cut, B leads after {taken_over:?}");
+    assert!(stepped_down < taken_over, "two leaders: A {stepped_down:?}, B {taken_over:?}");
+    // When A reaches the API again it finds B's lease and stays a standby.
+    a.cut.store(false, Ordering::SeqCst);
+    tokio::time::sleep(timings().lease_duration).await;
+    assert!(!*a.leadership.borrow(), "A came back as a second leader");
+    assert_eq!(api.holder(), "pod-b");
+}
+
+#[tokio::test]
+async fn release_on_shutdown_hands_over_without_waiting_for_expiry() {
+    let api = FakeApiServer::default();
+    let a = candidate(&api, "pod-a");
+    until("a leads", a.leadership.clone(), true).await;
+    let b = candidate(&api, "pod-b");
+    let released = Instant::now();
+    a.release.cancel();
+    a.task.await.expect("elector ends");
+    assert_eq!(api.holder(), "", "the holder is cleared on release");
+    until("b takes over", b.leadership.clone(), true).await;
+    let handover = released.elapsed();
+    println!("lease: handover after release took {handover:?}");
+    assert!(handover < timings().lease_duration, "B waited for expiry: {handover:?}");
+}
+
+#[tokio::test]
+async fn candidates_racing_for_one_lease_never_both_lead() {
+    let api = FakeApiServer::default();
+    let candidates: Vec<_> = (0..5).map(|i| candidate(&api, &format!("pod-{i}"))).collect();
+    let started = Instant::now();
+    let mut saw_leader = false;
+    while started.elapsed() < Duration::from_secs(3) {
+        let leading = candidates.iter().filter(|c| *c.leadership.borrow()).count();
+        assert!(leading <= 1, "{leading} leaders at once");
+        saw_leader |= leading == 1;
+        // Kill the current leader once to force another race.
+        if leading == 1 && started.elapsed() > Duration::from_secs(1) && !candidates.iter().any(|c| c.task.is_finished()) {
+            if let Some(c) = candidates.iter().find(|c| *c.leadership.borrow()) {
+                c.release.cancel();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(saw_leader, "nobody acquired the lease");
+    let holder = api.holder();
+    assert!(holder.starts_with("pod-"), "holder {holder:?}");
+}
