@@ -10,11 +10,13 @@ use std::time::Duration;
 use super::{DatabaseArgs, duration};
 use outbox_worker::health::{Component, Health};
 use outbox_worker::ident::{TableName, TopicName};
+use outbox_worker::leader::{
+    self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector,
+};
 use outbox_worker::metrics::RelayMetrics;
 use outbox_worker::pubsub::{self, Batching, Endpoint, Publishers};
 use outbox_worker::relay::store::OutboxStore;
 use outbox_worker::relay::{Relay, RelayConfig};
-use outbox_worker::leader::{self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector};
 use outbox_worker::{db, relay, shutdown};
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +114,11 @@ impl ElectionArgs {
         options: &sqlx::postgres::PgConnectOptions,
         table: &TableName,
         release: CancellationToken,
-    ) -> anyhow::Result<(Leadership, Option<tokio::task::JoinHandle<()>>, Option<tokio::sync::watch::Sender<bool>>)> {
+    ) -> anyhow::Result<(
+        Leadership,
+        Option<tokio::task::JoinHandle<()>>,
+        Option<tokio::sync::watch::Sender<bool>>,
+    )> {
         let timings = Timings {
             lease_duration: self.lease_duration,
             renew_deadline: self.renew_deadline,
@@ -128,21 +134,24 @@ impl ElectionArgs {
                 (rx, None, Some(tx))
             }
             Backend::Postgres => {
-                let (rx, task) = PgElector::new(options.clone(), table.clone(), timings, identity).spawn(release);
+                let (rx, task) = PgElector::new(options.clone(), table.clone(), timings, identity)
+                    .spawn(release);
                 (rx, Some(task), None)
             }
             Backend::Kubernetes => {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("--leader-election kubernetes needs in-cluster credentials or a kubeconfig")?;
+                let client = kube::Client::try_default().await.context(
+                    "--leader-election kubernetes needs in-cluster credentials or a kubeconfig",
+                )?;
                 let namespace = self
                     .lease_namespace
                     .clone()
                     .unwrap_or_else(|| client.default_namespace().to_owned());
-                let name = self
-                    .lease_name
-                    .clone()
-                    .unwrap_or_else(|| format!("outbox-relay-{}", table.name().replace('_', "-").to_lowercase()));
+                let name = self.lease_name.clone().unwrap_or_else(|| {
+                    format!(
+                        "outbox-relay-{}",
+                        table.name().replace('_', "-").to_lowercase()
+                    )
+                });
                 tracing::info!(lease = %name, %namespace, "using a Kubernetes Lease");
                 let api = kube::Api::namespaced(client, &namespace);
                 let (rx, task) = LeaseElector::new(api, name, identity, timings).spawn(release);
@@ -154,13 +163,24 @@ impl ElectionArgs {
 
 /// Runs the relay until SIGTERM.
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.liveness_timeout > args.publish_timeout + Duration::from_secs(5),
+        "--liveness-timeout ({:?}) must exceed --publish-timeout ({:?}) + 5s: a batch may wait that long for Pub/Sub",
+        args.liveness_timeout,
+        args.publish_timeout
+    );
     let stop = shutdown::on_signal();
     let options = db::connect_options(&args.database.database_url)?;
     tracing::info!(database = %db::describe(&options), "connecting lazily");
     // A claim of a leader that went silent must not hold its rows forever.
-    let idle_tx_timeout = (args.publish_timeout + Duration::from_secs(10)).as_millis().to_string();
+    let idle_tx_timeout = (args.publish_timeout + Duration::from_secs(10))
+        .as_millis()
+        .to_string();
     let pool = db::lazy_pool(
-        options.clone().options([("idle_in_transaction_session_timeout", idle_tx_timeout.as_str())]),
+        options.clone().options([(
+            "idle_in_transaction_session_timeout",
+            idle_tx_timeout.as_str(),
+        )]),
         args.pipeline_depth + 3,
     );
     if args.migrate {
@@ -227,11 +247,22 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         store,
         Publishers::new(base, Batching::default()),
         metrics.clone(),
-        health,
+        health.clone(),
     );
+    let health_for_standby = health;
     let release = CancellationToken::new();
-    let (mut leadership, elector, _keep) = args.election.start(&options, &args.table, release.clone()).await?;
-    let result = lead_while_elected(&mut relay, &mut leadership, &metrics, &stop).await;
+    let (mut leadership, elector, _keep) = args
+        .election
+        .start(&options, &args.table, release.clone())
+        .await?;
+    let result = lead_while_elected(
+        &mut relay,
+        &mut leadership,
+        &metrics,
+        &health_for_standby,
+        &stop,
+    )
+    .await;
     // Release only after the in-flight batches were finished, so the next
     // leader starts after our last commit.
     release.cancel();
@@ -255,12 +286,20 @@ async fn lead_while_elected(
     relay: &mut Relay,
     leadership: &mut Leadership,
     metrics: &RelayMetrics,
+    health: &Health,
     stop: &CancellationToken,
 ) -> Result<(), outbox_worker::relay::RelayError> {
     loop {
         tracing::info!("standing by until elected");
-        if !leader::wait_until_leading(leadership, stop).await {
-            return Ok(());
+        // A standby is alive too: keep /healthz green while waiting.
+        loop {
+            health.heartbeat();
+            let wait = leader::wait_until_leading(leadership, stop);
+            match tokio::time::timeout(Duration::from_secs(1), wait).await {
+                Ok(true) => break,
+                Ok(false) => return Ok(()),
+                Err(_) => continue,
+            }
         }
         metrics.is_leader.set(1);
         metrics.leader_transitions.inc();

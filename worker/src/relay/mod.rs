@@ -250,9 +250,15 @@ impl Relay {
                     _ = stop.cancelled() => {},
                 }
             } else if !more {
-                tokio::select! {
-                    _ = wakeup.wait() => {},
-                    _ = stop.cancelled() => {},
+                // Keep /healthz green while idle, without dropping the wait.
+                let wait = wakeup.wait();
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        _ = &mut wait => break,
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => self.health.heartbeat(),
+                    }
                 }
             }
             more = true;
@@ -273,7 +279,10 @@ impl Relay {
     fn abandon(&mut self, in_flight: VecDeque<Batch>) {
         let rows: usize = in_flight.iter().map(|b| b.entries.len()).sum();
         if rows > 0 {
-            warn!(rows, "rolling back in-flight claims; the next leader publishes them again");
+            warn!(
+                rows,
+                "rolling back in-flight claims; the next leader publishes them again"
+            );
         }
         let keys: BTreeSet<_> = in_flight
             .iter()
@@ -297,13 +306,19 @@ impl Relay {
             match self.store.other_claimers(&self.pool).await {
                 Ok(pids) if pids.is_empty() => {
                     if reported {
-                        info!(waited_ms = started.elapsed().as_millis() as u64, "previous claims ended");
+                        info!(
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "previous claims ended"
+                        );
                     }
                     return;
                 }
                 Ok(pids) => {
                     if !reported && started.elapsed() > Duration::from_secs(1) {
-                        warn!(?pids, "waiting for another session's claims on the outbox to end (a previous leader?)");
+                        warn!(
+                            ?pids,
+                            "waiting for another session's claims on the outbox to end (a previous leader?)"
+                        );
                         reported = true;
                     }
                 }
