@@ -77,7 +77,10 @@ impl LeaseElector {
         let mut renewed = Instant::now();
         loop {
             let attempt = if leading {
-                let left = self.timings.renew_deadline.saturating_sub(renewed.elapsed());
+                let left = self
+                    .timings
+                    .renew_deadline
+                    .saturating_sub(renewed.elapsed());
                 tokio::time::timeout(left, self.try_acquire_or_renew())
                     .await
                     .unwrap_or_else(|_| Err(kube::Error::Service("renewal timed out".into())))
@@ -122,7 +125,9 @@ impl LeaseElector {
         if leading {
             match tokio::time::timeout(Duration::from_secs(2), self.release()).await {
                 Ok(Ok(())) => info!(identity = %self.identity, "released the Lease"),
-                Ok(Err(e)) => warn!(error = %e, "could not release the Lease; it expires by itself"),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not release the Lease; it expires by itself")
+                }
                 Err(_) => warn!("releasing the Lease timed out; it expires by itself"),
             }
         }
@@ -162,7 +167,9 @@ impl LeaseElector {
             };
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(Attempt::Holding),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther(String::new())),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    Ok(Attempt::HeldByOther(String::new()))
+                }
                 Err(e) => Err(e),
             };
         };
@@ -192,7 +199,11 @@ impl LeaseElector {
         lease.spec = Some(spec);
         // `lease.metadata.resource_version` is the one we read: a concurrent
         // writer makes this a 409.
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(updated) => {
                 self.observed = Some((Self::record(&updated), Instant::now()));
                 Ok(Attempt::Holding)

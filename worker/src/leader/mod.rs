@@ -135,12 +135,18 @@ mod tests {
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
         };
-        assert!(matches!(t.validate(), Err(TimingsError::DeadlineNotBeforeExpiry { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TimingsError::DeadlineNotBeforeExpiry { .. })
+        ));
         let t = Timings {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(2),
             retry_period: Duration::from_secs(2),
         };
-        assert!(matches!(t.validate(), Err(TimingsError::RetryNotBeforeDeadline { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TimingsError::RetryNotBeforeDeadline { .. })
+        ));
     }
 }

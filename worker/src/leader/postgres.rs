@@ -42,7 +42,12 @@ pub struct PgElector {
 impl PgElector {
     /// `options` are the relay's connection options; a separate connection is
     /// opened for the lock.
-    pub fn new(options: PgConnectOptions, table: TableName, timings: Timings, identity: String) -> Self {
+    pub fn new(
+        options: PgConnectOptions,
+        table: TableName,
+        timings: Timings,
+        identity: String,
+    ) -> Self {
         PgElector {
             options,
             table,
@@ -117,7 +122,9 @@ impl PgElector {
         // Bounded on the server by lock_timeout and here by a little more, in
         // case the connection itself went silent.
         let wait = self.timings.lease_duration + self.timings.retry_period;
-        let attempt = sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut conn);
+        let attempt = sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut conn);
         tokio::select! {
             result = tokio::time::timeout(wait, attempt) => match result {
                 Ok(Ok(_)) => Ok(Some((conn, key))),
@@ -145,7 +152,10 @@ impl PgElector {
                     return true;
                 }
             }
-            let left = self.timings.renew_deadline.saturating_sub(confirmed.elapsed());
+            let left = self
+                .timings
+                .renew_deadline
+                .saturating_sub(confirmed.elapsed());
             let ping = sqlx::query("SELECT 1").execute(&mut conn);
             match tokio::time::timeout(left, ping).await {
                 Ok(Ok(_)) => confirmed = Instant::now(),

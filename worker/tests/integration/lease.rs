@@ -55,9 +55,16 @@ impl FakeApiServer {
             },
             (Method::POST, true) => {
                 let mut lease: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-                let name = lease["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let name = lease["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
                 if store.leases.contains_key(&name) {
-                    return status(StatusCode::CONFLICT, "AlreadyExists", "lease already exists");
+                    return status(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        "lease already exists",
+                    );
                 }
                 store.version += 1;
                 lease["metadata"]["resourceVersion"] = json!(store.version.to_string());
@@ -70,8 +77,14 @@ impl FakeApiServer {
                 let Some(current) = store.leases.get(name) else {
                     return status(StatusCode::NOT_FOUND, "NotFound", "lease not found");
                 };
-                let sent = lease["metadata"]["resourceVersion"].as_str().unwrap_or_default();
-                if sent != current["metadata"]["resourceVersion"].as_str().unwrap_or_default() {
+                let sent = lease["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default();
+                if sent
+                    != current["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default()
+                {
                     return status(
                         StatusCode::CONFLICT,
                         "Conflict",
@@ -83,7 +96,11 @@ impl FakeApiServer {
                 store.leases.insert(name.to_owned(), lease.clone());
                 (StatusCode::OK, lease)
             }
-            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "unsupported"),
+            _ => status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "unsupported",
+            ),
         }
     }
 
@@ -95,17 +112,26 @@ impl FakeApiServer {
             let cut = cut.clone();
             async move {
                 let (parts, body) = req.into_parts();
-                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 let (code, value) = if cut.load(Ordering::SeqCst) {
-                    status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "cut off")
+                    status(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        "cut off",
+                    )
                 } else {
                     api.handle(&parts.method, parts.uri.path(), &bytes)
                 };
                 let mut response = Response::new(Full::new(bytes::Bytes::from(value.to_string())));
                 *response.status_mut() = code;
-                response
-                    .headers_mut()
-                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
                 Ok::<_, Infallible>(response)
             }
         });
@@ -113,7 +139,12 @@ impl FakeApiServer {
     }
 
     fn lease(&self) -> Option<Value> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner()).leases.get(NAME).cloned()
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .leases
+            .get(NAME)
+            .cloned()
     }
 
     fn holder(&self) -> String {
@@ -154,10 +185,13 @@ fn candidate(api: &FakeApiServer, identity: &str) -> Candidate {
 
 async fn until(what: &str, mut leadership: Leadership, leading: bool) -> Duration {
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(10), leadership.wait_for(|l| *l == leading))
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .unwrap_or_else(|_| panic!("elector stopped while waiting for {what}"));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        leadership.wait_for(|l| *l == leading),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    .unwrap_or_else(|_| panic!("elector stopped while waiting for {what}"));
     started.elapsed()
 }
 
@@ -214,7 +248,10 @@ async fn a_leader_that_cannot_renew_steps_down_before_anyone_takes_over() {
     until("b takes over", b.leadership.clone(), true).await;
     let taken_over = cut.elapsed();
     println!("lease: A stepped down {stepped_down:?} after the cut, B leads after {taken_over:?}");
-    assert!(stepped_down < taken_over, "two leaders: A {stepped_down:?}, B {taken_over:?}");
+    assert!(
+        stepped_down < taken_over,
+        "two leaders: A {stepped_down:?}, B {taken_over:?}"
+    );
     // When A reaches the API again it finds B's lease and stays a standby.
     a.cut.store(false, Ordering::SeqCst);
     tokio::time::sleep(timings().lease_duration).await;
@@ -235,13 +272,18 @@ async fn release_on_shutdown_hands_over_without_waiting_for_expiry() {
     until("b takes over", b.leadership.clone(), true).await;
     let handover = released.elapsed();
     println!("lease: handover after release took {handover:?}");
-    assert!(handover < timings().lease_duration, "B waited for expiry: {handover:?}");
+    assert!(
+        handover < timings().lease_duration,
+        "B waited for expiry: {handover:?}"
+    );
 }
 
 #[tokio::test]
 async fn candidates_racing_for_one_lease_never_both_lead() {
     let api = FakeApiServer::default();
-    let candidates: Vec<_> = (0..5).map(|i| candidate(&api, &format!("pod-{i}"))).collect();
+    let candidates: Vec<_> = (0..5)
+        .map(|i| candidate(&api, &format!("pod-{i}")))
+        .collect();
     let started = Instant::now();
     let mut saw_leader = false;
     while started.elapsed() < Duration::from_secs(3) {
@@ -249,7 +291,10 @@ async fn candidates_racing_for_one_lease_never_both_lead() {
         assert!(leading <= 1, "{leading} leaders at once");
         saw_leader |= leading == 1;
         // Kill the current leader once to force another race.
-        if leading == 1 && started.elapsed() > Duration::from_secs(1) && !candidates.iter().any(|c| c.task.is_finished()) {
+        if leading == 1
+            && started.elapsed() > Duration::from_secs(1)
+            && !candidates.iter().any(|c| c.task.is_finished())
+        {
             if let Some(c) = candidates.iter().find(|c| *c.leadership.borrow()) {
                 c.release.cancel();
             }
