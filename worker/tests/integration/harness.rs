@@ -174,6 +174,20 @@ impl TestEnv {
         .expect("relay makes progress");
     }
 
+    /// Waits until every id arrived and the outbox is empty; checks per-key
+    /// order and returns the number of duplicates.
+    pub async fn expect_delivered(&self, ids: &[Uuid]) -> usize {
+        let received = self
+            .collector
+            .wait_distinct(ids.len(), WAIT)
+            .await
+            .expect("all arrive");
+        self.wait_drained().await;
+        let duplicates = assert_all_arrived(ids, &received);
+        assert_per_key_order(&received);
+        duplicates
+    }
+
     /// Waits until the outbox is empty.
     pub async fn wait_drained(&self) {
         devkit::wait_for("the outbox to drain", WAIT, || async {
