@@ -97,3 +97,34 @@ async fn missing_own_topic_means_not_ready_and_rows_wait() {
     relay.wait_ready(WAIT).await.expect("ready again");
     env.wait_drained().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_and_never_show_the_password() {
+    let env = TestEnv::new("logs").await;
+    // Trust authentication ignores the password, so the URL still works.
+    let url = env
+        .database_url
+        .replace("postgres://postgres@", "postgres://postgres:s3cret-pw@");
+    let relay = env.spawn_relay_with(
+        &[],
+        &[("DATABASE_URL", url), ("LOG_FORMAT", "json".to_owned())],
+    );
+    relay.wait_ready(WAIT).await.expect("ready");
+    let ids = insert(&env.pool, &numbered(0, 10, 0)).await;
+    env.expect_delivered(&ids).await;
+    let log = relay.log();
+    assert!(
+        !log.contains("s3cret-pw"),
+        "the password leaked into the log:\n{log}"
+    );
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 3, "{log}");
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            value.get("level").is_some() && value.get("message").is_some(),
+            "{line}"
+        );
+    }
+}
