@@ -7,8 +7,8 @@ mod lease;
 
 mod crash;
 mod dead_letter;
-mod failover;
 mod delivery;
+mod failover;
 mod ordering;
 mod outage;
 mod probes;
