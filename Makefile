@@ -27,6 +27,7 @@ test-rust:
 test-python:
 	$(CARGO) build -q -p operator --bin outbox-operator
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator operator/tests/python/run.sh
+	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator charts/tests/run.sh
 
 lint: ## rustfmt and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check
@@ -45,8 +46,11 @@ build: ## Release build of both binaries
 # kind and helm on the machine; CI has no Docker and does not run them.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
 IMAGE_REGISTRY ?= ghcr.io/outbox-dev
-WORKER_IMG ?= $(IMAGE_REGISTRY)/outbox-worker:$(VERSION)
-OPERATOR_IMG ?= $(IMAGE_REGISTRY)/outbox-operator:$(VERSION)
+IMAGE_TAG ?= $(VERSION)
+WORKER_REPO ?= $(IMAGE_REGISTRY)/outbox-worker
+OPERATOR_REPO ?= $(IMAGE_REGISTRY)/outbox-operator
+WORKER_IMG = $(WORKER_REPO):$(IMAGE_TAG)
+OPERATOR_IMG = $(OPERATOR_REPO):$(IMAGE_TAG)
 DOCKER ?= docker
 KIND ?= kind
 HELM ?= helm
@@ -67,8 +71,8 @@ kind-up: images ## kind cluster from kind-config.yaml with both images loaded
 helm-install: ## Install or upgrade the chart (CRD + operator) in the current kubectl context
 	$(HELM) upgrade --install outbox-operator charts/outbox-operator \
 		--namespace $(OPERATOR_NAMESPACE) --create-namespace \
-		--set image.repository=$(word 1,$(subst :, ,$(OPERATOR_IMG))) --set image.tag=$(VERSION) \
-		--set workerImage.repository=$(word 1,$(subst :, ,$(WORKER_IMG))) --set workerImage.tag=$(VERSION) \
+		--set image.repository=$(OPERATOR_REPO) --set image.tag=$(IMAGE_TAG) \
+		--set workerImage.repository=$(WORKER_REPO) --set workerImage.tag=$(IMAGE_TAG) \
 		--wait --timeout 5m
 
 e2e: kind-up ## End-to-end on kind: install, relay rows, fail over, delete (needs Docker)
@@ -77,5 +81,6 @@ e2e: kind-up ## End-to-end on kind: install, relay rows, fail over, delete (need
 kind-down: ## Delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
-test-charts: ## Chart, RBAC, examples and Dockerfile checks (part of test-python)
-	charts/tests/run.sh
+test-charts: ## Chart, RBAC, examples and Dockerfile checks (also run by test-python)
+	$(CARGO) build -q -p operator --bin outbox-operator
+	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator charts/tests/run.sh

@@ -192,6 +192,8 @@ step "installing the chart (CRD + operator) into $op_ns"
   --set image.repository="${operator_image%:*}" --set image.tag="${operator_image##*:}" \
   --set workerImage.repository="${worker_image%:*}" --set workerImage.tag="${worker_image##*:}" \
   --wait --timeout 5m
+# Helm installs crds/ only once; on a reused cluster bring the CRD up to date.
+k apply --server-side --force-conflicts -f crds/outboxrelays.outbox.dev.yaml
 k wait --for=condition=Established crd/outboxrelays.outbox.dev --timeout=60s
 k -n "$op_ns" rollout status deployment/outbox-operator --timeout=300s
 wait_until 60 "an operator replica holding the outbox-operator Lease" \
