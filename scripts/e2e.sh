@@ -180,7 +180,7 @@ outbox_empty() { [[ "$(psql_dev 'SELECT count(*) FROM outbox')" == 0 ]]; }
 # ---------------------------------------------------------------------------------------
 step "checking tools and the cluster"
 for tool in kubectl "$HELM" "$KIND" python3; do
-  command -v "$tool" >/dev/null || fail "$tool is not installed (see charts/README.md)"
+  command -v "$tool" >/dev/null || fail "$tool is not installed (see README.md, Quickstart on kind)"
 done
 "$KIND" get clusters 2>/dev/null | grep -qx "$cluster" ||
   fail "no kind cluster '$cluster'; run: make kind-up"

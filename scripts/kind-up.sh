@@ -18,7 +18,7 @@ worker_image="${WORKER_IMAGE:-ghcr.io/outbox-dev/outbox-worker:$version}"
 operator_image="${OPERATOR_IMAGE:-ghcr.io/outbox-dev/outbox-operator:$version}"
 
 for tool in "$KIND" "$DOCKER" kubectl; do
-  command -v "$tool" >/dev/null || { echo "kind-up: $tool is not installed (see charts/README.md)" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "kind-up: $tool is not installed (see README.md, Quickstart on kind)" >&2; exit 1; }
 done
 
 for image in "$worker_image" "$operator_image"; do

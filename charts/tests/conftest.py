@@ -20,7 +20,7 @@ FULL_VALUES = TESTS_DIR / "values-full.yaml"
 RELEASE = "outbox-operator"
 NAMESPACE = "outbox-system"
 # Oldest (the operator's k8s-openapi feature v1_33, the chart's kubeVersion) and newest
-# (the newest schemas kubernetes-validate ships) Kubernetes versions charts/README.md claims.
+# (the newest schemas kubernetes-validate ships) Kubernetes versions README.md claims.
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 
 # The Go side logs an INFO line per symlink it follows (crds/ is a symlink): keep warnings only.

@@ -65,7 +65,7 @@ def test_dependencies_are_cached_before_the_sources(instructions):
     assert build[0] == ("FROM", "deps")
     run = next(v for (i, v) in build if i == "RUN")
     assert "cargo build --release --locked" in run
-    # One cargo invocation for both binaries (see charts/README.md on features).
+    # One cargo invocation for both binaries (shared feature resolution).
     for binary in BINARIES.values():
         assert f"--bin {binary}" in run and f"/out/{binary}" in run
 
