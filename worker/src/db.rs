@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn invalid_url_does_not_echo_it() {
-        let err = connect_options("mysql://u:topsecret@h/db")
+        let err = connect_options("postgres://u:topsecret@h:notaport/db")
             .unwrap_err()
             .to_string();
         assert!(!err.contains("topsecret"), "{err}");
