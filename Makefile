@@ -14,7 +14,7 @@ help: ## List the targets
 prereqs: ## Install or check PostgreSQL, Java, the Pub/Sub emulator and the Python tools
 	scripts/prereqs.sh
 
-demo: ## Run producer -> outbox -> relay -> Pub/Sub -> subscriber on throwaway infrastructure
+demo: ## Run producer -> outbox -> relay -> Pub/Sub -> inbox -> consumer on throwaway infrastructure
 	scripts/prereqs.sh no-python
 	$(CARGO) build --release -q -p worker -p devkit
 	target/release/outbox-demo $(DEMO_ARGS)
@@ -22,7 +22,7 @@ demo: ## Run producer -> outbox -> relay -> Pub/Sub -> subscriber on throwaway i
 test: prereqs test-rust test-python ## Run every test (starts its own PostgreSQL and emulator)
 
 test-rust:
-	$(CARGO) test --workspace --all-targets -- --test-threads 2
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --test-threads 2
 
 test-python:
 	$(CARGO) build -q -p operator --bin outbox-operator
@@ -38,6 +38,11 @@ fmt:
 
 crds: ## Regenerate crds/ from the operator's types
 	$(CARGO) run -q -p operator -- crd > crds/outboxrelays.outbox.dev.yaml
+
+bench: ## Relay and inbox throughput/latency vs. the database and Pub/Sub ceilings (BENCH.md; BENCH_ARGS="--rows 100000")
+	scripts/prereqs.sh no-python
+	$(CARGO) build --release -q -p worker -p devkit
+	target/release/outbox-bench $(BENCH_ARGS)
 
 build: ## Release build of both binaries
 	$(CARGO) build --release -p worker -p operator

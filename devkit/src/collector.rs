@@ -31,9 +31,31 @@ pub struct Collector {
 impl Collector {
     /// Starts pulling `subscription` from `endpoint`.
     pub fn start(endpoint: Endpoint, subscription: String) -> Collector {
+        Self::with_streams(endpoint, subscription, 1)
+    }
+
+    /// Pulls with several streams at once. The emulator hands each stream
+    /// ~100 messages per 50 ms (~1.9k msg/s), so a fast consumer needs
+    /// several; arrival order across streams is not defined, so tests that
+    /// check per-key order use one.
+    pub fn with_streams(endpoint: Endpoint, subscription: String, streams: usize) -> Collector {
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(pull(endpoint, subscription, received.clone(), stop.clone()));
+        let streams: Vec<_> = (0..streams.max(1))
+            .map(|_| {
+                tokio::spawn(pull(
+                    endpoint.clone(),
+                    subscription.clone(),
+                    received.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        let task = tokio::spawn(async move {
+            for stream in streams {
+                let _ = stream.await;
+            }
+        });
         Collector {
             received,
             stop,

@@ -10,6 +10,7 @@ pub mod emulator;
 pub mod postgres;
 mod process;
 pub mod proxy;
+pub mod pull;
 pub mod worker;
 
 pub use collector::{Collector, Received};

@@ -113,6 +113,94 @@ impl RelayMetrics {
     }
 }
 
+/// The inbox worker's metrics (`inbox_` prefix), the counterpart of
+/// [`RelayMetrics`]. Cheap to clone: every metric is shared.
+#[derive(Clone)]
+pub struct InboxMetrics {
+    /// Messages pulled from the subscription (duplicates included).
+    pub received: Counter,
+    /// Messages inserted into the inbox table (first deliveries only).
+    pub stored: Counter,
+    /// Messages already in the inbox (same dedup key), acknowledged and dropped.
+    pub duplicates: Counter,
+    /// Messages recorded in the dead-letter table instead.
+    pub dead_lettered: Counter,
+    /// Unprocessed rows in the inbox table (sampled).
+    pub backlog: Gauge,
+    /// Seconds from Pub/Sub's publish time to the inbox commit.
+    pub latency: Histogram,
+    /// Messages per stored batch (one transaction each).
+    pub batch_size: Histogram,
+    /// Batches whose transaction failed (retried).
+    pub db_errors: Counter,
+    /// Streaming-pull errors (the stream is reopened).
+    pub stream_errors: Counter,
+}
+
+impl InboxMetrics {
+    /// Creates the metrics and registers them under the `inbox_` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = InboxMetrics {
+            received: Counter::default(),
+            stored: Counter::default(),
+            duplicates: Counter::default(),
+            dead_lettered: Counter::default(),
+            backlog: Gauge::default(),
+            latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            db_errors: Counter::default(),
+            stream_errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("inbox");
+        r.register(
+            "messages_received",
+            "Messages pulled from the subscription, duplicates included",
+            metrics.received.clone(),
+        );
+        r.register(
+            "messages_stored",
+            "Messages inserted into the inbox table",
+            metrics.stored.clone(),
+        );
+        r.register(
+            "duplicates",
+            "Messages already in the inbox (same message id), acknowledged without storing",
+            metrics.duplicates.clone(),
+        );
+        r.register(
+            "dead_letter",
+            "Messages recorded in the inbox dead-letter table",
+            metrics.dead_lettered.clone(),
+        );
+        r.register(
+            "backlog",
+            "Unprocessed rows in the inbox table (sampled)",
+            metrics.backlog.clone(),
+        );
+        r.register(
+            "store_latency_seconds",
+            "Time from Pub/Sub's publish time to the inbox commit",
+            metrics.latency.clone(),
+        );
+        r.register(
+            "batch_messages",
+            "Messages per inbox transaction",
+            metrics.batch_size.clone(),
+        );
+        r.register(
+            "database_errors",
+            "Inbox transactions that failed and were retried",
+            metrics.db_errors.clone(),
+        );
+        r.register(
+            "stream_errors",
+            "Streaming-pull errors; the stream is reopened",
+            metrics.stream_errors.clone(),
+        );
+        metrics
+    }
+}
+
 /// Renders a registry in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
@@ -141,6 +229,23 @@ mod tests {
             "outbox_publish_latency_seconds_bucket",
             "outbox_is_leader 0",
             "outbox_leader_transitions_total 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+    #[test]
+    fn inbox_names_follow_the_contract() {
+        let mut registry = Registry::default();
+        let m = InboxMetrics::register(&mut registry);
+        m.stored.inc_by(2);
+        m.duplicates.inc();
+        let text = render(&registry);
+        for name in [
+            "inbox_messages_stored_total 2",
+            "inbox_duplicates_total 1",
+            "inbox_messages_received_total 0",
+            "inbox_dead_letter_total 0",
+            "inbox_backlog 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -1,10 +1,14 @@
-//! `make demo`: the whole outbox flow on throwaway infrastructure.
+//! `make demo`: the whole outbox and inbox flow on throwaway infrastructure.
 //!
 //! A producer writes an `orders` row and an `outbox` row in one transaction
-//! (the classic pattern), the real `outbox-worker relay` publishes the outbox
-//! to the Pub/Sub emulator, and a subscriber counts what arrives. Progress is
-//! printed every second; the summary says what was sent, received, duplicated
-//! and lost.
+//! (the classic pattern, through the library's `OutboxMessage`), the real
+//! `outbox-worker relay` publishes the outbox to the Pub/Sub emulator, a
+//! subscriber counts what arrives, the real `outbox-worker inbox` stores each
+//! message once in the `inbox` table, and a consumer processes the inbox
+//! through the library's `InboxProcessor`, keeping an `order_projection`
+//! table in the same transaction. Progress is printed every second; the
+//! summary says what was sent, received, stored, processed, duplicated and
+//! lost.
 
 use anyhow::Context;
 use clap::Parser;
@@ -14,9 +18,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use devkit::{Collector, Emulator, Postgres, WorkerProcess};
+use futures::future::BoxFuture;
+use outbox_worker::app::{
+    HandlerError, InboxMessage, InboxProcessor, OutboxMessage, ProcessorConfig,
+};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(about = "Run producer -> outbox -> relay -> Pub/Sub -> subscriber locally")]
+#[command(about = "Run producer -> outbox -> relay -> Pub/Sub -> inbox -> consumer locally")]
 struct Args {
     /// How long the producer writes.
     #[arg(long, env = "DEMO_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -35,6 +44,32 @@ struct Args {
 const PROJECT: &str = "demo";
 const TOPIC: &str = "projects/demo/topics/orders";
 const SUBSCRIPTION: &str = "projects/demo/subscriptions/orders-audit";
+const INBOX_SUBSCRIPTION: &str = "projects/demo/subscriptions/orders-inbox";
+
+/// The consumer: applies an `order.created` event to the projection, in the
+/// inbox transaction (so exactly once per order).
+fn project<'a>(
+    tx: &'a mut sqlx::PgConnection,
+    message: &'a InboxMessage,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let event: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        let customer = event["customer"].as_str().ok_or("event without customer")?;
+        let cents = event["amount_cents"]
+            .as_i64()
+            .ok_or("event without amount")?;
+        sqlx::query(
+            "INSERT INTO order_projection (customer, orders, total_cents) VALUES ($1, 1, $2) \
+             ON CONFLICT (customer) DO UPDATE SET orders = order_projection.orders + 1, \
+                 total_cents = order_projection.total_cents + EXCLUDED.total_cents",
+        )
+        .bind(customer)
+        .bind(cents)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    })
+}
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -68,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     println!("   pubsub    {} (PUBSUB_EMULATOR_HOST)", emulator.host());
 
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(args.producers as u32 + 2)
+        .max_connections(args.producers as u32 + 4)
         .connect(&url)
         .await?;
     let worker = worker_binary()?;
@@ -83,11 +118,23 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&pool)
     .await?;
+    sqlx::query(
+        "CREATE TABLE order_projection (customer TEXT PRIMARY KEY, orders BIGINT NOT NULL, \
+         total_cents BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
     emulator.create_topic(TOPIC).await?;
     emulator
         .create_subscription(SUBSCRIPTION, TOPIC, true)
         .await?;
+    emulator
+        .create_subscription(INBOX_SUBSCRIPTION, TOPIC, true)
+        .await?;
     println!("   topic     {TOPIC}\n   subscription {SUBSCRIPTION} (ordered)");
+    println!(
+        "   subscription {INBOX_SUBSCRIPTION} (ordered) -> outbox-worker inbox -> inbox table"
+    );
 
     let log_dir = tempfile::Builder::new().prefix("outbox-demo-").tempdir()?;
     let log = log_dir.path().join("relay.log");
@@ -109,8 +156,43 @@ async fn main() -> anyhow::Result<()> {
         relay.health_addr,
         log.display()
     );
+    let inbox_log = log_dir.path().join("inbox.log");
+    let mut inbox = WorkerProcess::spawn(
+        &worker,
+        &["inbox"],
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("PUBSUB_SUBSCRIPTION", INBOX_SUBSCRIPTION.to_owned()),
+            ("PUBSUB_EMULATOR_HOST", emulator.host()),
+        ],
+        devkit::free_port()?,
+        inbox_log.clone(),
+    )?;
+    inbox.wait_ready(Duration::from_secs(60)).await?;
+    println!(
+        "== inbox ready: http://{}/metrics  (log: {})",
+        inbox.health_addr,
+        inbox_log.display()
+    );
+    // The consumer: two library processors on the inbox table.
+    let consumer_stop = CancellationToken::new();
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let processor = InboxProcessor::new(
+            pool.clone(),
+            ProcessorConfig {
+                batch_size: 200,
+                poll_interval: Duration::from_millis(50),
+                ..ProcessorConfig::new("inbox".parse()?)
+            },
+        );
+        let stop = consumer_stop.clone();
+        consumers.push(tokio::spawn(
+            async move { processor.run(&project, stop).await },
+        ));
+    }
 
-    let collector = Collector::start(emulator.endpoint(), SUBSCRIPTION.to_owned());
+    let collector = Collector::with_streams(emulator.endpoint(), SUBSCRIPTION.to_owned(), 4);
     let produced = Arc::new(AtomicU64::new(0));
     let stop_at = Instant::now() + args.duration;
     println!(
@@ -151,14 +233,11 @@ async fn main() -> anyhow::Result<()> {
                     "order_id": order_id, "customer": customer, "amount_cents": amount,
                     "sent_at_us": now_micros(),
                 });
-                sqlx::query(
-                    "INSERT INTO outbox (payload, ordering_key, attributes) VALUES ($1, $2, $3)",
-                )
-                .bind(serde_json::to_vec(&payload)?)
-                .bind(&customer)
-                .bind(serde_json::json!({"type": "order.created"}))
-                .execute(&mut *tx)
-                .await?;
+                OutboxMessage::new(serde_json::to_vec(&payload)?)
+                    .ordering_key(customer.as_str())
+                    .attribute("type", "order.created")
+                    .write(&mut tx)
+                    .await?;
                 tx.commit().await?;
                 produced.fetch_add(1, Ordering::Relaxed);
                 n += 1;
@@ -198,10 +277,14 @@ async fn main() -> anyhow::Result<()> {
         let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
             .fetch_one(&pool)
             .await?;
+        let (stored, processed): (i64, i64) =
+            sqlx::query_as("SELECT count(*), count(processed_at) FROM inbox")
+                .fetch_one(&pool)
+                .await?;
         window.sort_by(f64::total_cmp);
         let sent = produced.load(Ordering::Relaxed);
         println!(
-            "   t={:>4.0}s  sent {:>8}  received {:>8}  {:>7.0} msg/s  backlog {:>6}  latency p50 {:>6.1} ms  p99 {:>6.1} ms",
+            "   t={:>4.0}s  sent {:>8}  received {:>8}  {:>7.0} msg/s  backlog {:>6}  latency p50 {:>6.1} ms  p99 {:>6.1} ms  inbox stored {:>8} processed {:>8}",
             started.elapsed().as_secs_f64(),
             sent,
             seen.len(),
@@ -209,6 +292,8 @@ async fn main() -> anyhow::Result<()> {
             backlog,
             percentile(&window, 0.50),
             percentile(&window, 0.99),
+            stored,
+            processed,
         );
         latencies.extend(window);
         if !done_producing && Instant::now() >= stop_at {
@@ -219,11 +304,21 @@ async fn main() -> anyhow::Result<()> {
             println!("== producer stopped; waiting for the rest to arrive");
         }
         let sent = produced.load(Ordering::Relaxed);
-        if done_producing && (seen.len() as u64 >= sent || Instant::now() > drain_deadline) {
+        let all_processed = processed as u64 >= sent;
+        if done_producing
+            && ((seen.len() as u64 >= sent && all_processed) || Instant::now() > drain_deadline)
+        {
             break;
         }
     }
+    let inbox_duplicates = inbox.metric("inbox_duplicates_total").await.unwrap_or(0.0);
+    let inbox_dead = inbox.metric("inbox_dead_letter_total").await.unwrap_or(0.0);
     let status = relay.terminate(Duration::from_secs(15)).await?;
+    let inbox_status = inbox.terminate(Duration::from_secs(15)).await?;
+    consumer_stop.cancel();
+    for c in consumers {
+        c.await?;
+    }
     collector.stop().await;
 
     let sent = produced.load(Ordering::Relaxed);
@@ -233,9 +328,23 @@ async fn main() -> anyhow::Result<()> {
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(&pool)
         .await?;
+    let (stored, processed, inbox_distinct): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(processed_at), count(DISTINCT message_id) FROM inbox",
+    )
+    .fetch_one(&pool)
+    .await?;
+    // The projection must equal the orders table: each event applied once.
+    let (projected_orders, projected_cents, order_cents): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT coalesce(sum(orders), 0)::bigint FROM order_projection), \
+                (SELECT coalesce(sum(total_cents), 0)::bigint FROM order_projection), \
+                (SELECT coalesce(sum(amount_cents), 0)::bigint FROM orders)",
+    )
+    .fetch_one(&pool)
+    .await?;
     latencies.sort_by(f64::total_cmp);
     let producing = args.duration.as_secs_f64();
     let lost = sent.saturating_sub(seen.len() as u64);
+    let inbox_lost = sent.saturating_sub(processed as u64);
     println!("== summary");
     println!("   orders committed        {orders}");
     println!(
@@ -253,7 +362,29 @@ async fn main() -> anyhow::Result<()> {
         latencies.last().copied().unwrap_or(0.0)
     );
     println!("   relay exit on SIGTERM   {status}");
+    println!("   inbox stored            {stored}  (distinct {inbox_distinct})");
+    println!("   inbox processed         {processed}");
+    println!("   inbox duplicates        {inbox_duplicates}  (redeliveries absorbed)");
+    println!("   inbox dead-lettered     {inbox_dead}");
+    println!("   inbox lost              {inbox_lost}");
+    println!(
+        "   projection              {projected_orders} orders, {projected_cents} cents (orders table: {orders}, {order_cents} cents)"
+    );
+    println!("   inbox exit on SIGTERM   {inbox_status}");
     anyhow::ensure!(lost == 0 && orders as u64 == sent, "messages were lost");
+    anyhow::ensure!(
+        inbox_lost == 0 && stored as u64 == sent && inbox_distinct == stored,
+        "the inbox lost or duplicated messages"
+    );
+    anyhow::ensure!(
+        projected_orders == orders && projected_cents == order_cents,
+        "the projection does not match the orders"
+    );
+    anyhow::ensure!(
+        inbox_status.success(),
+        "inbox worker did not exit cleanly; log: {}",
+        inbox_log.display()
+    );
     anyhow::ensure!(
         status.success(),
         "relay did not exit cleanly; log: {}",

@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod inbox;
 mod migrate;
 mod relay;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Relay committed outbox rows to Pub/Sub.
     Relay(Box<relay::RelayArgs>),
+    /// Store messages of a Pub/Sub subscription in the inbox table, each once.
+    Inbox(Box<inbox::InboxArgs>),
 }
 
 #[derive(Args)]
@@ -54,6 +57,7 @@ impl Command {
         match self {
             Command::Migrate(args) => migrate::run(args).await,
             Command::Relay(args) => relay::run(*args).await,
+            Command::Inbox(args) => inbox::run(*args).await,
         }
     }
 }

@@ -291,13 +291,14 @@ async fn candidates_racing_for_one_lease_never_both_lead() {
         assert!(leading <= 1, "{leading} leaders at once");
         saw_leader |= leading == 1;
         // Kill the current leader once to force another race.
-        if leading == 1
+        let first_race_over = leading == 1
             && started.elapsed() > Duration::from_secs(1)
-            && !candidates.iter().any(|c| c.task.is_finished())
-        {
-            if let Some(c) = candidates.iter().find(|c| *c.leadership.borrow()) {
-                c.release.cancel();
-            }
+            && !candidates.iter().any(|c| c.task.is_finished());
+        if let (true, Some(c)) = (
+            first_race_over,
+            candidates.iter().find(|c| *c.leadership.borrow()),
+        ) {
+            c.release.cancel();
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

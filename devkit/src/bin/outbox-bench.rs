@@ -1,0 +1,1658 @@
+//! `make bench`: relay and inbox throughput and latency next to the physical
+//! limits of the same machine, in one run. See BENCH.md for how to read it.
+//!
+//! Everything runs against throwaway infrastructure started here: a
+//! PostgreSQL cluster (fsync, full_page_writes and synchronous_commit off, as
+//! the devkit harness starts it) and the Pub/Sub emulator, both on this
+//! machine. The relay and the inbox worker are the real release
+//! `outbox-worker` binary, run as child processes.
+//!
+//! Rounds are interleaved (round 1 of every measurement, then round 2, ...)
+//! so that a slow spell of a shared machine hits every figure alike; each
+//! figure is the median of the rounds, with min and max.
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use google_cloud_pubsub::model::Message;
+use serde_json::json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+use devkit::{Emulator, Postgres, WorkerProcess};
+use outbox_worker::ident::TopicName;
+use outbox_worker::pubsub::{Batching, Publishers};
+use outbox_worker::relay::store::OutboxStore;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Relay and inbox throughput and latency against the database and Pub/Sub ceilings"
+)]
+struct Args {
+    /// Rows per throughput round (database ceiling, Pub/Sub ceiling, relay).
+    #[arg(long, default_value_t = 30_000)]
+    rows: usize,
+    /// Payload sizes in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [100usize, 1024])]
+    payload: Vec<usize>,
+    /// Rounds of every measurement; figures are the median, with min and max.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Distinct ordering keys in the "keyed" variants (0: skip them).
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+    /// Offered loads of the latency section, msg/s, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000u64, 10000])]
+    rates: Vec<u64>,
+    /// Length of each latency round (after a 1 s warm-up).
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    latency_round: Duration,
+    /// Rows per round of the classic one-message-per-transaction loop.
+    #[arg(long, default_value_t = 500)]
+    classic_rows: usize,
+    /// Messages per inbox round (default: --rows).
+    #[arg(long)]
+    inbox_messages: Option<usize>,
+    /// Where the JSON goes (default: bench-results/bench-<UTC time>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// An earlier JSON result to compare with (adds a "vs earlier" column).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Run only these sections (comma-separated). Ratios need `db` and `pubsub` too.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Section>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// 1. Database ceiling.
+    Db,
+    /// 2. Pub/Sub ceiling.
+    Pubsub,
+    /// 3. Relay end to end (7. footprint comes with it).
+    Relay,
+    /// 4. Commit-to-publish latency at a steady load.
+    Latency,
+    /// 5. The classic one-message-per-transaction loop.
+    Classic,
+    /// 6. Inbox worker next to a bare pull+ack loop.
+    Inbox,
+}
+
+const PROJECT_TOPICS: &str = "projects/bench/topics";
+const PROJECT_SUBS: &str = "projects/bench/subscriptions";
+const RELAY_BATCH: i64 = 1000;
+const RELAY_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// One payload size, with or without ordering keys.
+#[derive(Clone, Copy, Debug)]
+struct Variant {
+    payload: usize,
+    keys: usize,
+}
+
+impl Variant {
+    fn label(&self) -> String {
+        let size = if self.payload >= 1024 && self.payload.is_multiple_of(1024) {
+            format!("{} KiB", self.payload / 1024)
+        } else {
+            format!("{} B", self.payload)
+        };
+        if self.keys > 0 {
+            format!("{size}, {} keys", self.keys)
+        } else {
+            size
+        }
+    }
+    fn slug(&self) -> String {
+        format!("p{}k{}", self.payload, self.keys)
+    }
+}
+
+/// One line of the table: samples of all rounds.
+#[derive(Clone, Debug)]
+struct Figure {
+    section: &'static str,
+    name: String,
+    variant: String,
+    unit: &'static str,
+    samples: Vec<f64>,
+    /// Extra column: a ratio, a note.
+    note: String,
+}
+
+impl Figure {
+    fn median(&self) -> f64 {
+        stat(&self.samples).0
+    }
+}
+
+/// (median, min, max)
+fn stat(samples: &[f64]) -> (f64, f64, f64) {
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Collected figures, keyed for lookups (ratios).
+#[derive(Default)]
+struct Results {
+    figures: Vec<Figure>,
+}
+
+impl Results {
+    fn add(
+        &mut self,
+        section: &'static str,
+        name: &str,
+        variant: &str,
+        unit: &'static str,
+        value: f64,
+    ) {
+        if let Some(f) = self
+            .figures
+            .iter_mut()
+            .find(|f| f.section == section && f.name == name && f.variant == variant)
+        {
+            f.samples.push(value);
+            return;
+        }
+        self.figures.push(Figure {
+            section,
+            name: name.to_owned(),
+            variant: variant.to_owned(),
+            unit,
+            samples: vec![value],
+            note: String::new(),
+        });
+    }
+    fn get(&self, section: &str, name: &str, variant: &str) -> Option<&Figure> {
+        self.figures
+            .iter()
+            .find(|f| f.section == section && f.name == name && f.variant == variant)
+    }
+    fn note(&mut self, section: &str, name: &str, variant: &str, note: String) {
+        if let Some(f) = self
+            .figures
+            .iter_mut()
+            .find(|f| f.section == section && f.name == name && f.variant == variant)
+        {
+            f.note = note;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- processes
+
+fn worker_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("OUTBOX_WORKER_BIN") {
+        return Ok(path.into());
+    }
+    let path = std::env::current_exe()?.with_file_name("outbox-worker");
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it with `cargo build --release -p worker` (make bench does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm) ", field 3 (state) is index 0; utime is field 14, stime 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
+/// Peak resident set size (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// CPU seconds of this process and its descendants, by program: the relay or
+/// inbox worker (`outbox-worker`), PostgreSQL (`postgres`), the emulator
+/// (`java`), and this benchmark (`outbox-bench`).
+fn cpu_by_program() -> BTreeMap<String, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut procs: Vec<(u32, u32, String, f64)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = stat[open + 1..close].to_owned();
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            let ppid = fields.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+            let cpu = fields
+                .get(11)
+                .and_then(|x| x.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                + fields
+                    .get(12)
+                    .and_then(|x| x.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            procs.push((pid, ppid, comm, cpu / ticks));
+        }
+    }
+    let me = std::process::id();
+    let mut inside = std::collections::HashSet::from([me]);
+    loop {
+        let before = inside.len();
+        for (pid, ppid, _, _) in &procs {
+            if inside.contains(ppid) {
+                inside.insert(*pid);
+            }
+        }
+        if inside.len() == before {
+            break;
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (pid, _, comm, cpu) in &procs {
+        if !inside.contains(pid) {
+            continue;
+        }
+        let program = if *pid == me {
+            "outbox-bench"
+        } else if comm.starts_with("outbox-worker") {
+            "outbox-worker"
+        } else if comm.starts_with("postgres") {
+            "postgres"
+        } else if comm.starts_with("java") {
+            "emulator"
+        } else {
+            "other"
+        };
+        *out.entry(program.to_owned()).or_insert(0.0) += cpu;
+    }
+    out
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Busy fraction of all CPUs between two /proc/stat samples.
+fn cpu_sample() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total, idle))
+}
+
+fn busy_between(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
+    let ((t0, i0), (t1, i1)) = (a?, b?);
+    let dt = t1.checked_sub(t0)? as f64;
+    (dt > 0.0).then(|| 1.0 - (i1 - i0) as f64 / dt)
+}
+
+struct Bench {
+    args: Args,
+    pool: PgPool,
+    url: String,
+    emulator: Emulator,
+    worker: PathBuf,
+    logs: tempfile::TempDir,
+    results: Results,
+    seq: usize,
+    /// Machine CPU busy fraction during relay runs (all CPUs).
+    relay_busy: Vec<f64>,
+}
+
+impl Bench {
+    fn wants(&self, s: Section) -> bool {
+        self.args.only.is_empty() || self.args.only.contains(&s)
+    }
+
+    fn next_name(&mut self, what: &str) -> (String, String) {
+        self.seq += 1;
+        (
+            format!("{PROJECT_TOPICS}/{what}-{}", self.seq),
+            format!("{PROJECT_SUBS}/{what}-{}", self.seq),
+        )
+    }
+
+    async fn topic_with_subscriptions(
+        &mut self,
+        what: &str,
+        subs: usize,
+        ordered: bool,
+    ) -> anyhow::Result<(String, Vec<String>)> {
+        let (topic, sub) = self.next_name(what);
+        self.emulator.create_topic(&topic).await?;
+        let mut names = Vec::new();
+        for i in 0..subs {
+            let name = format!("{sub}-{i}");
+            self.emulator
+                .create_subscription(&name, &topic, ordered)
+                .await?;
+            names.push(name);
+        }
+        Ok((topic, names))
+    }
+
+    /// Deletes subscriptions (and so the messages they hold) and the topic,
+    /// so that the emulator's memory does not grow from round to round.
+    async fn drop_topic(&self, topic: &str, subs: &[String]) {
+        let endpoint = self.emulator.endpoint();
+        if let Ok(admin) = outbox_worker::pubsub::subscription_admin(&endpoint).await {
+            for s in subs {
+                let _ = admin.delete_subscription().set_subscription(s).send().await;
+            }
+        }
+        if let Ok(admin) = outbox_worker::pubsub::topic_admin(&endpoint).await {
+            let _ = admin.delete_topic().set_topic(topic).send().await;
+        }
+    }
+
+    fn spawn_worker(
+        &self,
+        args: &[&str],
+        env: &[(&str, String)],
+        name: &str,
+    ) -> anyhow::Result<WorkerProcess> {
+        let mut all = vec![
+            ("DATABASE_URL", self.url.clone()),
+            ("PUBSUB_EMULATOR_HOST", self.emulator.host()),
+        ];
+        all.extend(env.iter().cloned());
+        WorkerProcess::spawn(
+            &self.worker,
+            args,
+            &all,
+            devkit::free_port()?,
+            self.logs.path().join(format!("{name}.log")),
+        )
+    }
+
+    // ------------------------------------------------------------ data
+
+    async fn truncate(&self, table: &str) -> anyhow::Result<()> {
+        sqlx::query(AssertSqlSafe(format!("TRUNCATE {table}")))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// N rows with the variant's payload and keys, committed at once, then
+    /// VACUUM ANALYZE (same state for the database ceiling and the relay).
+    async fn prefill(&self, table: &str, n: usize, v: Variant) -> anyhow::Result<()> {
+        let sql = format!(
+            "INSERT INTO {table} (payload, ordering_key) \
+             SELECT convert_to(rpad(i::text || ':', $1, 'x'), 'UTF8'), \
+                    CASE WHEN $2 > 0 THEN 'key-' || (i % greatest($2, 1)) END \
+             FROM generate_series(1, $3) AS i"
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(v.payload as i32)
+            .bind(v.keys as i32)
+            .bind(n as i32)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn count(&self, table: &str) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The messages the relay would send for the prefilled rows.
+    fn messages(n: usize, v: Variant) -> Vec<Message> {
+        (1..=n)
+            .map(|i| {
+                let mut data = format!("{i}:").into_bytes();
+                data.resize(v.payload.max(data.len()), b'x');
+                data.truncate(v.payload.max(1));
+                let m = Message::new().set_data(data).set_attributes([(
+                    outbox_worker::relay::message::MESSAGE_ID_ATTRIBUTE.to_owned(),
+                    uuid::Uuid::new_v4().to_string(),
+                )]);
+                if v.keys > 0 {
+                    m.set_ordering_key(format!("key-{}", i % v.keys))
+                } else {
+                    m
+                }
+            })
+            .collect()
+    }
+
+    // ------------------------------------------------------------ 1. database ceiling
+
+    /// Claims and deletes batches of 1000 in one transaction each, with the
+    /// relay's own SQL, nothing published: rows/s.
+    async fn db_ceiling(&mut self, v: Variant) -> anyhow::Result<()> {
+        let n = self.args.rows;
+        self.truncate("outbox").await?;
+        self.prefill("outbox", n, v).await?;
+        let store = OutboxStore::new("outbox".parse()?)?;
+        let inline = (RELAY_BATCH_BYTES / RELAY_BATCH as usize).max(1024) as i32;
+        let started = Instant::now();
+        let mut done = 0usize;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let rows = store.claim(&mut tx, RELAY_BATCH, inline).await?;
+            if rows.is_empty() {
+                tx.rollback().await?;
+                break;
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            store.finish(&mut tx, &ids, &[]).await?;
+            tx.commit().await?;
+            done += ids.len();
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        anyhow::ensure!(done == n, "database ceiling: {done} of {n} rows");
+        self.results.add(
+            "1 ceiling",
+            "database: claim + delete, batches of 1000",
+            &v.label(),
+            "rows/s",
+            rate,
+        );
+        Ok(())
+    }
+
+    /// Diagnostic: the same SQL with three claims in flight, as the relay
+    /// keeps them (each later claim skips the rows the earlier ones hold
+    /// locked). Not a ceiling; shows what the pipeline costs the database.
+    async fn db_pipelined(&mut self, v: Variant) -> anyhow::Result<()> {
+        let n = self.args.rows;
+        self.truncate("outbox").await?;
+        self.prefill("outbox", n, v).await?;
+        let store = OutboxStore::new("outbox".parse()?)?;
+        let inline = (RELAY_BATCH_BYTES / RELAY_BATCH as usize).max(1024) as i32;
+        let started = Instant::now();
+        let mut done = 0usize;
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut more = true;
+        loop {
+            while more && in_flight.len() < 3 {
+                let mut tx = self.pool.begin().await?;
+                let rows = store.claim(&mut tx, RELAY_BATCH, inline).await?;
+                if rows.is_empty() {
+                    tx.rollback().await?;
+                    more = false;
+                } else {
+                    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                    in_flight.push_back((tx, ids));
+                }
+            }
+            let Some((mut tx, ids)) = in_flight.pop_front() else {
+                break;
+            };
+            store.finish(&mut tx, &ids, &[]).await?;
+            tx.commit().await?;
+            done += ids.len();
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        anyhow::ensure!(done == n, "pipelined database loop: {done} of {n} rows");
+        self.results.add(
+            "1 ceiling",
+            "(diagnostic) database, 3 claims in flight like the relay",
+            &v.label(),
+            "rows/s",
+            rate,
+        );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ 2. Pub/Sub ceiling
+
+    /// Publishes N messages with the relay's client settings and waits for
+    /// every acknowledgement: msg/s.
+    async fn pubsub_ceiling(&mut self, v: Variant) -> anyhow::Result<()> {
+        let n = self.args.rows;
+        let (topic, subs) = self
+            .topic_with_subscriptions("ceiling", 1, v.keys > 0)
+            .await?;
+        let endpoint = self.emulator.endpoint();
+        let base =
+            outbox_worker::pubsub::base_publisher(&endpoint, Duration::from_secs(60)).await?;
+        let mut publishers = Publishers::new(base, Batching::default());
+        let topic_name: TopicName = topic.parse()?;
+        let publisher = publishers.get(&topic_name);
+        let messages = Self::messages(n, v);
+        let started = Instant::now();
+        let pending: Vec<_> = messages.into_iter().map(|m| publisher.publish(m)).collect();
+        for p in pending {
+            p.await.context("publishing")?;
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        drop(publishers);
+        self.drop_topic(&topic, &subs).await;
+        self.results.add(
+            "2 ceiling",
+            "Pub/Sub: batched publish, no database",
+            &v.label(),
+            "msg/s",
+            rate,
+        );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ 3. relay (+ 7. footprint)
+
+    /// Starts a relay on `topic` and waits until it is ready and listening
+    /// for notifications (so that a commit wakes it at once).
+    async fn start_relay(&self, topic: &str, name: &str) -> anyhow::Result<WorkerProcess> {
+        // Backends that started before this relay are not its listener.
+        let since: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
+            .fetch_one(&self.pool)
+            .await?;
+        let relay = self.spawn_worker(
+            &["relay", "--leader-election", "none"],
+            &[("PUBSUB_TOPIC", topic.to_owned())],
+            name,
+        )?;
+        relay.wait_ready(Duration::from_secs(60)).await?;
+        let pool = self.pool.clone();
+        devkit::wait_for("the relay to LISTEN", Duration::from_secs(30), || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%outbox_relay%' \
+                     AND extract(epoch FROM backend_start)::float8 >= $1",
+                )
+                .bind(since)
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (n > 0).then_some(())
+            }
+        })
+        .await
+        .with_context(|| format!("relay log:\n{}", relay.log()))?;
+        Ok(relay)
+    }
+
+    /// N rows committed at once while the relay idles; time until Pub/Sub
+    /// acknowledged all of them and they left the outbox.
+    async fn relay_throughput(&mut self, v: Variant) -> anyhow::Result<()> {
+        let n = self.args.rows;
+        self.truncate("outbox").await?;
+        let (topic, subs) = self
+            .topic_with_subscriptions("relay", 1, v.keys > 0)
+            .await?;
+        let mut relay = self
+            .start_relay(&topic, &format!("relay-{}-{}", v.slug(), self.seq))
+            .await?;
+        let pid = relay.pid().context("relay pid")?;
+        let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+        let machine0 = cpu_sample();
+        let programs0 = cpu_by_program();
+        let started = self.prefill_timed(n, v).await?;
+        let deadline = started + Duration::from_secs(300);
+        loop {
+            let published = relay
+                .metric("outbox_messages_published_total")
+                .await
+                .unwrap_or(0.0);
+            if published as usize >= n {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "relay: only {published} of {n} published in 300 s; log:\n{}",
+                    relay.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let machine1 = cpu_sample();
+        let programs1 = cpu_by_program();
+        let cpu = cpu_seconds(pid).unwrap_or(f64::NAN) - cpu0;
+        let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
+        let left = self.count("outbox").await?;
+        anyhow::ensure!(
+            left == 0,
+            "relay: {left} rows left in the outbox after all were published"
+        );
+        relay.terminate(Duration::from_secs(15)).await?;
+        self.drop_topic(&topic, &subs).await;
+        if let Some(b) = busy_between(machine0, machine1) {
+            self.relay_busy.push(b);
+        }
+        let label = v.label();
+        self.results.add(
+            "3 relay",
+            "relay: outbox -> Pub/Sub acknowledged -> deleted",
+            &label,
+            "msg/s",
+            n as f64 / elapsed,
+        );
+        // Where the machine's CPU went while the relay ran (cores in use).
+        for (program, name) in [
+            (
+                "outbox-worker",
+                "CPU cores in use during the relay run: relay",
+            ),
+            (
+                "postgres",
+                "CPU cores in use during the relay run: PostgreSQL",
+            ),
+            (
+                "emulator",
+                "CPU cores in use during the relay run: emulator",
+            ),
+        ] {
+            let used =
+                programs1.get(program).unwrap_or(&0.0) - programs0.get(program).unwrap_or(&0.0);
+            self.results
+                .add("7 footprint", name, &label, "cores", used / elapsed);
+        }
+        self.results
+            .add("7 footprint", "relay peak RSS (VmHWM)", &label, "MiB", rss);
+        self.results.add(
+            "7 footprint",
+            "relay CPU per 100k messages",
+            &label,
+            "cpu-s",
+            cpu / n as f64 * 100_000.0,
+        );
+        Ok(())
+    }
+
+    /// Prefill in one statement (committed at once, like the relay sees it);
+    /// returns the moment the commit returned. The VACUUM of `prefill` is
+    /// skipped: the relay is already running.
+    async fn prefill_timed(&self, n: usize, v: Variant) -> anyhow::Result<Instant> {
+        let sql = "INSERT INTO outbox (payload, ordering_key) \
+             SELECT convert_to(rpad(i::text || ':', $1, 'x'), 'UTF8'), \
+                    CASE WHEN $2 > 0 THEN 'key-' || (i % greatest($2, 1)) END \
+             FROM generate_series(1, $3) AS i";
+        sqlx::query(sql)
+            .bind(v.payload as i32)
+            .bind(v.keys as i32)
+            .bind(n as i32)
+            .execute(&self.pool)
+            .await?;
+        Ok(Instant::now())
+    }
+
+    // ------------------------------------------------------------ 5. classic loop
+
+    /// The classic example's loop (utsushiiro/transactional-outbox-and-inbox):
+    /// one transaction per message: claim one unsent row, publish it and wait
+    /// for the acknowledgement, mark it sent, commit. No sleep.
+    async fn classic(&mut self, v: Variant) -> anyhow::Result<()> {
+        let n = self.args.classic_rows;
+        self.truncate("outbox_classic").await?;
+        self.prefill("outbox_classic", n, v).await?;
+        let (topic, subs) = self
+            .topic_with_subscriptions("classic", 1, v.keys > 0)
+            .await?;
+        let endpoint = self.emulator.endpoint();
+        let base =
+            outbox_worker::pubsub::base_publisher(&endpoint, Duration::from_secs(60)).await?;
+        let mut publishers = Publishers::new(base, Batching::default());
+        let topic_name: TopicName = topic.parse()?;
+        let publisher = publishers.get(&topic_name);
+        let started = Instant::now();
+        let mut done = 0usize;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let row: Option<(i64, uuid::Uuid, Vec<u8>, Option<String>)> = sqlx::query_as(
+                "SELECT id, message_id, payload, ordering_key FROM outbox_classic \
+                 WHERE sent_at IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((id, message_id, payload, key)) = row else {
+                tx.rollback().await?;
+                break;
+            };
+            let message = Message::new()
+                .set_data(payload)
+                .set_attributes([("message-id".to_owned(), message_id.to_string())])
+                .set_ordering_key(key.unwrap_or_default());
+            publisher
+                .publish(message)
+                .await
+                .context("classic publish")?;
+            sqlx::query("UPDATE outbox_classic SET sent_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            done += 1;
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        drop(publishers);
+        self.drop_topic(&topic, &subs).await;
+        anyhow::ensure!(done == n, "classic: {done} of {n}");
+        self.results.add(
+            "5 classic",
+            "classic loop: 1 row per transaction, publish, mark sent",
+            &v.label(),
+            "msg/s",
+            rate,
+        );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ 4. latency
+
+    /// A producer commits single-row transactions at `rate` for a warm-up
+    /// second plus `rounds` windows; a subscriber receives from the relay's
+    /// topic. Latency = receive time − the time just before the producer sent
+    /// the committing INSERT (stamped in the payload): commit-to-receive, an
+    /// upper bound of commit-to-publish. The relay's own histogram
+    /// (insert → Pub/Sub ack → delete committed) is read alongside.
+    async fn latency(&mut self, rate: u64) -> anyhow::Result<()> {
+        let v = Variant {
+            payload: self.args.payload[0],
+            keys: 0,
+        };
+        self.truncate("outbox").await?;
+        let (topic, subs) = self.topic_with_subscriptions("latency", 1, false).await?;
+        let mut relay = self
+            .start_relay(&topic, &format!("relay-latency-{rate}"))
+            .await?;
+        let received: Arc<Mutex<Vec<(u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let mut sub_tasks = Vec::new();
+        for _ in 0..2 {
+            sub_tasks.push(tokio::spawn(subscribe(
+                self.emulator.host(),
+                subs[0].clone(),
+                received.clone(),
+                stop.clone(),
+            )));
+        }
+        // Give the streaming pull a moment to open.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let rounds = self.args.rounds.max(1);
+        let window = self.args.latency_round;
+        let warmup = Duration::from_secs(1);
+        let total = warmup + window * rounds as u32;
+        let producers = rate.div_ceil(1500).clamp(1, 8);
+        let per_producer = rate as f64 / producers as f64;
+        let start_us = now_us();
+        let start = Instant::now();
+        let stop_at = start + total;
+        let mut tasks = Vec::new();
+        for _ in 0..producers {
+            let pool = self.pool.clone();
+            let payload = v.payload;
+            tasks.push(tokio::spawn(async move {
+                let mut n: u64 = 0;
+                loop {
+                    let due = start + Duration::from_secs_f64(n as f64 / per_producer);
+                    if due >= stop_at {
+                        break;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    let mut data = format!("{}:", now_us()).into_bytes();
+                    data.resize(payload.max(data.len()), b'x');
+                    sqlx::query("INSERT INTO outbox (payload) VALUES ($1)")
+                        .bind(data)
+                        .execute(&pool)
+                        .await?;
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            }));
+        }
+        // The relay's histogram after the warm-up, to diff at the end.
+        tokio::time::sleep_until((start + warmup).into()).await;
+        let hist0 = histogram(&relay, "outbox_publish_latency_seconds").await;
+        let mut produced = 0u64;
+        for t in tasks {
+            produced += t.await??;
+        }
+        let produced_in = start.elapsed().as_secs_f64();
+        devkit::wait_for(
+            "the subscriber to receive everything",
+            Duration::from_secs(60),
+            || {
+                let n = received.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+                async move { (n >= produced).then_some(()) }
+            },
+        )
+        .await
+        .with_context(|| format!("relay log:\n{}", relay.log()))?;
+        let hist1 = histogram(&relay, "outbox_publish_latency_seconds").await;
+        stop.cancel();
+        for t in sub_tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        relay.terminate(Duration::from_secs(15)).await?;
+        self.drop_topic(&topic, &subs).await;
+
+        let all = received.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let warm_end = start_us + warmup.as_micros() as u64;
+        let label = format!("{} msg/s offered", fmt_int(rate as f64));
+        let name_p50 = "commit-to-receive p50";
+        let name_p99 = "commit-to-receive p99";
+        let name_max = "commit-to-receive max";
+        for r in 0..rounds as u64 {
+            let from = warm_end + r * window.as_micros() as u64;
+            let to = from + window.as_micros() as u64;
+            let mut lat: Vec<f64> = all
+                .iter()
+                .filter(|(sent, _)| *sent >= from && *sent < to)
+                .map(|(sent, recv)| recv.saturating_sub(*sent) as f64 / 1000.0)
+                .collect();
+            lat.sort_by(f64::total_cmp);
+            self.results
+                .add("4 latency", name_p50, &label, "ms", percentile(&lat, 0.50));
+            self.results
+                .add("4 latency", name_p99, &label, "ms", percentile(&lat, 0.99));
+            self.results.add(
+                "4 latency",
+                name_max,
+                &label,
+                "ms",
+                lat.last().copied().unwrap_or(f64::NAN),
+            );
+        }
+        let achieved = produced as f64 / produced_in;
+        self.results.note(
+            "4 latency",
+            name_p50,
+            &label,
+            format!("achieved {} msg/s", fmt_int(achieved)),
+        );
+        if let (Some(h0), Some(h1)) = (hist0, hist1) {
+            let d = diff(&h1, &h0);
+            let q = |p| {
+                bucket_quantile(&d, p)
+                    .map(|s| format!("<= {:.1} ms", s * 1000.0))
+                    .unwrap_or("?".into())
+            };
+            self.results.note(
+                "4 latency",
+                name_p99,
+                &label,
+                format!("relay histogram p99 {}", q(0.99)),
+            );
+            self.results.note(
+                "4 latency",
+                name_max,
+                &label,
+                format!("relay histogram p50 {}", q(0.50)),
+            );
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ 6. inbox
+
+    async fn inbox(&mut self, payload: usize) -> anyhow::Result<()> {
+        let m = self.args.inbox_messages.unwrap_or(self.args.rows);
+        let v = Variant { payload, keys: 0 };
+        let (topic, subs) = self.topic_with_subscriptions("inbox", 2, false).await?;
+        let endpoint = self.emulator.endpoint();
+        {
+            let base =
+                outbox_worker::pubsub::base_publisher(&endpoint, Duration::from_secs(60)).await?;
+            let mut publishers = Publishers::new(base, Batching::default());
+            let topic_name: TopicName = topic.parse()?;
+            let publisher = publishers.get(&topic_name);
+            let pending: Vec<_> = Self::messages(m, v)
+                .into_iter()
+                .map(|m| publisher.publish(m))
+                .collect();
+            for p in pending {
+                p.await.context("pre-publishing for the inbox")?;
+            }
+        }
+        // The inbox worker on the first subscription.
+        self.truncate("inbox").await?;
+        let mut worker = self.spawn_worker(
+            &["inbox"],
+            &[("PUBSUB_SUBSCRIPTION", subs[0].clone())],
+            &format!("inbox-{}", self.seq),
+        )?;
+        let pid = worker.pid().context("inbox pid")?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut first: Option<(Instant, f64, f64)> = None;
+        loop {
+            let stored = worker
+                .metric("inbox_messages_stored_total")
+                .await
+                .unwrap_or(0.0);
+            if stored > 0.0 && first.is_none() {
+                first = Some((Instant::now(), stored, cpu_seconds(pid).unwrap_or(0.0)));
+            }
+            if stored as usize >= m {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "inbox: only {stored} of {m} stored in 300 s; log:\n{}",
+                    worker.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (t0, c0, cpu0) = first.context("inbox: nothing stored")?;
+        let rate = (m as f64 - c0) / t0.elapsed().as_secs_f64().max(1e-3);
+        let cpu = cpu_seconds(pid).unwrap_or(f64::NAN) - cpu0;
+        let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
+        let rows = self.count("inbox").await?;
+        anyhow::ensure!(rows as usize == m, "inbox: {rows} rows for {m} messages");
+        worker.terminate(Duration::from_secs(15)).await?;
+
+        // The bare loop on the second subscription: the emulator's plain REST
+        // pull(1000) + acknowledge loop (devkit::pull). The client library's
+        // streaming pull with default lease settings is much slower against
+        // the emulator (about 2,000 msg/s here), so it is not the reference.
+        let rest = devkit::pull::rest_pull_ack(
+            &self.emulator.host(),
+            &subs[1],
+            m,
+            Duration::from_secs(300),
+        )
+        .await?;
+        self.drop_topic(&topic, &subs).await;
+        let label = v.label();
+        self.results.add(
+            "6 inbox",
+            "inbox worker: pull -> INSERT ... ON CONFLICT -> commit -> ack",
+            &label,
+            "msg/s",
+            rate,
+        );
+        self.results.add(
+            "6 inbox",
+            "bare pull + ack loop (REST pull(1000), no database)",
+            &label,
+            "msg/s",
+            rest.per_second(),
+        );
+        self.results
+            .add("7 footprint", "inbox peak RSS (VmHWM)", &label, "MiB", rss);
+        self.results.add(
+            "7 footprint",
+            "inbox CPU per 100k messages",
+            &label,
+            "cpu-s",
+            cpu / (m as f64 - c0) * 100_000.0,
+        );
+        Ok(())
+    }
+}
+
+/// A REST pull(1000) + acknowledge loop on the emulator that records (sent
+/// µs from the payload, received µs). REST rather than the client library's
+/// streaming pull: against the emulator the streaming pull delivers only about
+/// 2,000 msg/s and adds some 25 ms, which would measure the emulator's
+/// delivery rather than the relay.
+async fn subscribe(
+    host: String,
+    subscription: String,
+    received: Arc<Mutex<Vec<(u64, u64)>>>,
+    stop: CancellationToken,
+) {
+    let client = reqwest::Client::new();
+    let base = format!("http://{host}/v1/{subscription}");
+    while !stop.is_cancelled() {
+        let response = client
+            .post(format!("{base}:pull"))
+            .json(&json!({"maxMessages": 1000, "returnImmediately": false}))
+            .send()
+            .await;
+        let at = now_us();
+        let Ok(response) = response else { continue };
+        let Ok(body) = response.json::<serde_json::Value>().await else {
+            continue;
+        };
+        let Some(messages) = body["receivedMessages"].as_array() else {
+            continue;
+        };
+        let mut ack_ids = Vec::with_capacity(messages.len());
+        {
+            let mut received = received.lock().unwrap_or_else(|e| e.into_inner());
+            for m in messages {
+                if let Some(id) = m["ackId"].as_str() {
+                    ack_ids.push(id.to_owned());
+                }
+                let data = m["message"]["data"].as_str().unwrap_or("");
+                let head = base64_prefix(&data[..data.len().min(32)]);
+                let end = head.iter().position(|b| *b == b':').unwrap_or(0);
+                if let Some(sent) = std::str::from_utf8(&head[..end])
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    received.push((sent, at));
+                }
+            }
+        }
+        if !ack_ids.is_empty() {
+            let client = client.clone();
+            let url = format!("{base}:acknowledge");
+            tokio::spawn(async move {
+                let _ = client
+                    .post(url)
+                    .json(&json!({ "ackIds": ack_ids }))
+                    .send()
+                    .await;
+            });
+        }
+    }
+}
+
+/// Decodes the leading whole groups of standard base64 (enough for the
+/// timestamp at the start of a payload).
+fn base64_prefix(s: &str) -> Vec<u8> {
+    fn val(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some((c - b'A') as u32),
+            b'a'..=b'z' => Some((c - b'a' + 26) as u32),
+            b'0'..=b'9' => Some((c - b'0' + 52) as u32),
+            b'+' | b'-' => Some(62),
+            b'/' | b'_' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let vals: Vec<u32> = chunk.iter().map_while(|c| val(*c)).collect();
+        let n = vals.len();
+        if n < 2 {
+            break;
+        }
+        let mut acc = 0u32;
+        for (i, v) in vals.iter().enumerate() {
+            acc |= v << (18 - 6 * i);
+        }
+        let bytes = [(acc >> 16) as u8, (acc >> 8) as u8, acc as u8];
+        out.extend_from_slice(&bytes[..n - 1]);
+        if n < 4 {
+            break;
+        }
+    }
+    out
+}
+
+/// Cumulative buckets (le seconds, count) of a Prometheus histogram.
+async fn histogram(worker: &WorkerProcess, name: &str) -> Option<Vec<(f64, f64)>> {
+    let (_, body) = worker.get("/metrics").await?;
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut out = Vec::new();
+    for line in body.lines().filter(|l| l.starts_with(&prefix)) {
+        let rest = &line[prefix.len()..];
+        let (le, tail) = rest.split_once('"')?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let count: f64 = tail.rsplit(' ').next()?.parse().ok()?;
+        out.push((le, count));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn diff(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    a.iter()
+        .map(|(le, c)| {
+            let before = b.iter().find(|(l, _)| l == le).map(|x| x.1).unwrap_or(0.0);
+            (*le, c - before)
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q`.
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
+}
+
+fn fmt_int(x: f64) -> String {
+    if !x.is_finite() {
+        return "-".into();
+    }
+    let s = format!("{:.0}", x);
+    let (sign, digits) = s.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("", &s));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+fn fmt_value(x: f64, unit: &str) -> String {
+    if !x.is_finite() {
+        return "-".into();
+    }
+    match unit {
+        "ms" | "MiB" | "cpu-s" | "cores" if x < 10.0 => format!("{x:.2}"),
+        "ms" | "MiB" | "cpu-s" | "cores" => format!("{x:.1}"),
+        _ => fmt_int(x),
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+fn header(args: &Args, pg_version: &str, started: &str, load: &str) -> Vec<String> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    let rev = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into());
+    vec![
+        format!("outbox-bench  {started}  git {rev}"),
+        format!("machine   {cpus} CPUs ({model}); load average at start {load}"),
+        format!(
+            "postgres  {pg_version}, same machine, devkit harness: fsync=off, full_page_writes=off, \
+             synchronous_commit=off, shared_buffers=256MB (commits cost no disk flush)"
+        ),
+        "pubsub    the Google Cloud Pub/Sub emulator (Java), same machine; one subscription per topic".into(),
+        {
+            // The relay inherits the environment: show its tuning overrides.
+            let overrides: Vec<String> = ["BATCH_SIZE", "PIPELINE_DEPTH", "BATCH_BYTES", "INBOX_BATCH_SIZE", "INBOX_STREAMS"]
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+                .collect();
+            format!(
+                "relay     release `outbox-worker relay`, --leader-election none, {} (client batches of 1000 msgs / 1 ms)",
+                if overrides.is_empty() {
+                    "defaults: batch 1000 rows, pipeline depth 3".to_owned()
+                } else {
+                    format!("environment overrides: {}", overrides.join(" "))
+                }
+            )
+        },
+        format!(
+            "workload  {} rows per throughput round; payloads {:?} B; keyed variants use {} ordering keys; \
+             {} rounds, interleaved; figures: median [min .. max] of the rounds",
+            args.rows, args.payload, args.keys, args.rounds
+        ),
+    ]
+}
+
+fn render(results: &Results, earlier: &BTreeMap<String, f64>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let with_earlier = !earlier.is_empty();
+    lines.push(format!(
+        "{:<11} {:<62} {:<20} {:>10} {:>10} {:>10}  {:<6} {}{}",
+        "section",
+        "measurement",
+        "variant",
+        "median",
+        "min",
+        "max",
+        "unit",
+        if with_earlier { "vs earlier  " } else { "" },
+        "notes"
+    ));
+    lines.push("-".repeat(150));
+    let mut last_section = "";
+    for f in &results.figures {
+        if f.section != last_section && !last_section.is_empty() {
+            lines.push(String::new());
+        }
+        last_section = f.section;
+        let (median, min, max) = stat(&f.samples);
+        let vs = if with_earlier {
+            match earlier.get(&key(f)) {
+                Some(old) if *old != 0.0 && median.is_finite() => {
+                    format!("{:>+9.0}%   ", (median / old - 1.0) * 100.0)
+                }
+                _ => format!("{:>10}  ", "-"),
+            }
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "{:<11} {:<62} {:<20} {:>10} {:>10} {:>10}  {:<6} {}{}",
+            f.section,
+            f.name,
+            f.variant,
+            fmt_value(median, f.unit),
+            fmt_value(min, f.unit),
+            fmt_value(max, f.unit),
+            f.unit,
+            vs,
+            f.note
+        ));
+    }
+    lines
+}
+
+fn key(f: &Figure) -> String {
+    format!("{}|{}|{}", f.section, f.name, f.variant)
+}
+
+fn load_earlier(path: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let mut out = BTreeMap::new();
+    for f in v["figures"]
+        .as_array()
+        .context("no figures in the earlier JSON")?
+    {
+        let k = format!(
+            "{}|{}|{}",
+            f["section"].as_str().unwrap_or(""),
+            f["name"].as_str().unwrap_or(""),
+            f["variant"].as_str().unwrap_or("")
+        );
+        if let Some(m) = f["median"].as_f64() {
+            out.insert(k, m);
+        }
+    }
+    Ok(out)
+}
+
+/// Target lines: (text, met?)
+fn targets(
+    results: &mut Results,
+    variants: &[Variant],
+    rates: &[u64],
+) -> Vec<(String, Option<bool>)> {
+    let mut out = Vec::new();
+    // Ratios relay / min(ceilings), classic speed-up.
+    for v in variants {
+        let label = v.label();
+        let relay = results
+            .get(
+                "3 relay",
+                "relay: outbox -> Pub/Sub acknowledged -> deleted",
+                &label,
+            )
+            .map(|f| f.median());
+        let db = results
+            .get(
+                "1 ceiling",
+                "database: claim + delete, batches of 1000",
+                &label,
+            )
+            .map(|f| f.median());
+        let ps = results
+            .get("2 ceiling", "Pub/Sub: batched publish, no database", &label)
+            .map(|f| f.median());
+        let classic = results
+            .get(
+                "5 classic",
+                "classic loop: 1 row per transaction, publish, mark sent",
+                &label,
+            )
+            .map(|f| f.median());
+        if let (Some(r), Some(db), Some(ps)) = (relay, db, ps) {
+            let ceiling = db.min(ps);
+            let which = if db <= ps { "database" } else { "Pub/Sub" };
+            let ratio = r / ceiling;
+            // Both ceilings were measured with the machine to themselves; the
+            // relay needs the database and the emulator at once. If each
+            // ceiling saturates the CPUs, the best the relay can do is the
+            // harmonic combination.
+            let combined = 1.0 / (1.0 / db + 1.0 / ps);
+            // Per-round ratios, for min and max.
+            results.note(
+                "3 relay",
+                "relay: outbox -> Pub/Sub acknowledged -> deleted",
+                &label,
+                format!(
+                    "{ratio:.2} x min(ceilings) ({which}); {:.2} x shared-CPU bound {}",
+                    r / combined,
+                    fmt_int(combined)
+                ),
+            );
+            out.push((
+                format!("relay >= 0.7 x min(ceilings), {label}: {ratio:.2} (relay {} / {which} {} msg/s)", fmt_int(r), fmt_int(ceiling)),
+                Some(ratio >= 0.7),
+            ));
+        }
+        if let (Some(r), Some(c)) = (relay, classic) {
+            results.note(
+                "5 classic",
+                "classic loop: 1 row per transaction, publish, mark sent",
+                &label,
+                format!("relay is {:.0} x faster", r / c),
+            );
+        }
+    }
+    if rates.contains(&1000)
+        && let Some(f) = results.get("4 latency", "commit-to-receive p99", "1,000 msg/s offered")
+    {
+        let (median, _, max) = stat(&f.samples);
+        out.push((
+            format!(
+                "p99 commit-to-publish <= 50 ms at 1,000 msg/s: commit-to-receive p99 {median:.1} ms (worst round {max:.1} ms; includes delivery to the subscriber)"
+            ),
+            Some(median <= 50.0),
+        ));
+    }
+    let rss: Vec<f64> = results
+        .figures
+        .iter()
+        .filter(|f| f.section == "7 footprint" && f.name == "relay peak RSS (VmHWM)")
+        .flat_map(|f| f.samples.iter().copied())
+        .collect();
+    if !rss.is_empty() {
+        let peak = rss.iter().copied().fold(f64::MIN, f64::max);
+        out.push((
+            format!("relay peak RSS <= 64 MiB: {peak:.1} MiB (highest of all relay runs)"),
+            Some(peak <= 64.0),
+        ));
+    }
+    out
+}
+
+// ---------------------------------------------------------------- main
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        !args.payload.is_empty() && args.rounds > 0 && args.rows > 0,
+        "need a payload, a round and a row"
+    );
+    let started_at = chrono_like_now();
+    let load_start = load_average();
+    let wall = Instant::now();
+    let earlier = match &args.compare {
+        Some(p) => load_earlier(p).with_context(|| format!("reading {}", p.display()))?,
+        None => BTreeMap::new(),
+    };
+
+    eprintln!("== starting PostgreSQL and the Pub/Sub emulator (throwaway, in a temp dir)");
+    let worker = worker_binary()?;
+    let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start())?;
+    let url = pg.create_database("bench").await?;
+    let status = std::process::Command::new(&worker)
+        .args(["migrate", "--database-url", &url])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running outbox-worker migrate")?;
+    anyhow::ensure!(status.success(), "outbox-worker migrate failed");
+    let pool = PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&url)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE outbox_classic (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         message_id UUID NOT NULL DEFAULT gen_random_uuid(), payload BYTEA NOT NULL, ordering_key TEXT, \
+         created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), sent_at TIMESTAMPTZ)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("CREATE INDEX outbox_classic_unsent ON outbox_classic (id) WHERE sent_at IS NULL")
+        .execute(&pool)
+        .await?;
+    let pg_version: String = sqlx::query("SHOW server_version")
+        .fetch_one(&pool)
+        .await?
+        .try_get(0)?;
+    let pg_version = format!("PostgreSQL {pg_version}");
+
+    let mut variants = Vec::new();
+    for &payload in &args.payload {
+        variants.push(Variant { payload, keys: 0 });
+        if args.keys > 0 {
+            variants.push(Variant {
+                payload,
+                keys: args.keys,
+            });
+        }
+    }
+    let mut bench = Bench {
+        args,
+        pool,
+        url,
+        emulator,
+        worker,
+        logs: tempfile::Builder::new().prefix("outbox-bench-").tempdir()?,
+        results: Results::default(),
+        seq: 0,
+        relay_busy: Vec::new(),
+    };
+    eprintln!(
+        "   logs of the worker processes: {}",
+        bench.logs.path().display()
+    );
+
+    // Warm-up, not reported: the emulator's JIT and PostgreSQL's caches.
+    if bench.wants(Section::Pubsub) || bench.wants(Section::Relay) || bench.wants(Section::Db) {
+        eprintln!("== warm-up (not reported)");
+        bench.db_ceiling(variants[0]).await?;
+        for &v in &variants {
+            bench.pubsub_ceiling(v).await?;
+        }
+        bench.relay_throughput(variants[0]).await?;
+        bench.results = Results::default();
+        bench.relay_busy.clear();
+    }
+    let rounds = bench.args.rounds;
+    for round in 1..=rounds {
+        eprintln!("== round {round}/{rounds} (load {})", load_average());
+        for &v in &variants {
+            if bench.wants(Section::Db) {
+                eprintln!("   database ceiling, {}", v.label());
+                bench.db_ceiling(v).await?;
+                bench.db_pipelined(v).await?;
+            }
+            if bench.wants(Section::Pubsub) {
+                eprintln!("   Pub/Sub ceiling, {}", v.label());
+                bench.pubsub_ceiling(v).await?;
+            }
+            if bench.wants(Section::Relay) {
+                eprintln!("   relay, {}", v.label());
+                bench.relay_throughput(v).await?;
+            }
+            if bench.wants(Section::Classic) {
+                eprintln!("   classic loop, {}", v.label());
+                bench.classic(v).await?;
+            }
+        }
+        if bench.wants(Section::Inbox) {
+            for payload in bench.args.payload.clone() {
+                eprintln!("   inbox, {payload} B");
+                bench.inbox(payload).await?;
+            }
+        }
+    }
+    if bench.wants(Section::Latency) {
+        for rate in bench.args.rates.clone() {
+            eprintln!(
+                "== latency at {rate} msg/s ({rounds} rounds of {:?})",
+                bench.args.latency_round
+            );
+            bench.latency(rate).await?;
+        }
+    }
+
+    // Ordered output: by section, in the order measured.
+    bench
+        .results
+        .figures
+        .sort_by_key(|f| (f.section, f.name.starts_with("(diagnostic)")));
+    let target_lines = targets(&mut bench.results, &variants, &bench.args.rates);
+    let load_end = load_average();
+    let elapsed = wall.elapsed();
+
+    let mut out = header(&bench.args, &pg_version, &started_at, &load_start);
+    out.push(String::new());
+    out.extend(render(&bench.results, &earlier));
+    out.push(String::new());
+    let (busy, _, _) = stat(&bench.relay_busy);
+    if busy.is_finite() {
+        out.push(format!(
+            "machine CPU busy during relay runs (all CPUs, everything on the machine): {:.0}%",
+            busy * 100.0
+        ));
+    }
+    out.push(String::from("targets"));
+    for (text, met) in &target_lines {
+        let verdict = match met {
+            Some(true) => "MET   ",
+            Some(false) => "MISSED",
+            None => "n/a   ",
+        };
+        out.push(format!("  {verdict} {text}"));
+    }
+    if !bench.wants(Section::Inbox) {
+        out.push("  (inbox not measured in this run)".into());
+    }
+    out.push(format!(
+        "load average at end {load_end}; total {:.0} s",
+        elapsed.as_secs_f64()
+    ));
+    for line in &out {
+        println!("{line}");
+    }
+
+    let json_path = match &bench.args.json {
+        Some(p) => p.clone(),
+        None => PathBuf::from("bench-results")
+            .join(format!("bench-{}.json", started_at.replace(':', ""))),
+    };
+    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let figures: Vec<_> = bench
+        .results
+        .figures
+        .iter()
+        .map(|f| {
+            let (median, min, max) = stat(&f.samples);
+            json!({
+                "section": f.section, "name": f.name, "variant": f.variant, "unit": f.unit,
+                "median": finite(median), "min": finite(min), "max": finite(max),
+                "samples": f.samples.iter().map(|x| finite(*x)).collect::<Vec<_>>(), "note": f.note,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "started_at": started_at,
+        "header": header(&bench.args, &pg_version, &started_at, &load_start),
+        "args": {
+            "rows": bench.args.rows, "payload": bench.args.payload, "rounds": bench.args.rounds,
+            "keys": bench.args.keys, "rates": bench.args.rates,
+            "latency_round_ms": bench.args.latency_round.as_millis() as u64,
+            "classic_rows": bench.args.classic_rows,
+            "inbox_messages": bench.args.inbox_messages.unwrap_or(bench.args.rows),
+        },
+        "load_average": {"start": load_start, "end": load_end},
+        "relay_machine_cpu_busy": finite(busy),
+        "figures": figures,
+        "targets": target_lines.iter().map(|(t, m)| json!({"target": t, "met": m})).collect::<Vec<_>>(),
+        "seconds": elapsed.as_secs_f64(),
+    });
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&doc)?)?;
+    println!("json      {}", json_path.display());
+    drop(bench);
+    drop(pg);
+    Ok(())
+}
+
+fn finite(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// UTC time as `YYYY-MM-DDTHH:MM:SSZ` without a date crate.
+fn chrono_like_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}

@@ -1,0 +1,192 @@
+//! The inbox worker's SQL, in one place.
+//!
+//! The hot path is one statement per batch: an `INSERT ... SELECT FROM
+//! unnest(...) WITH ORDINALITY ORDER BY n ON CONFLICT (message_id) DO NOTHING`
+//! that stores the batch in receive order (so the identity column follows the
+//! order messages were received) and returns which rows were new; then
+//! `COMMIT`. Messages that cannot be stored go to `<table>_dead_letter` in the
+//! same transaction.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use super::message::{DeadRow, InboxRow};
+use crate::ident::TableName;
+
+/// SQL for one inbox table and its dead-letter table, built once from
+/// validated names.
+#[derive(Debug, Clone)]
+pub struct InboxStore {
+    table: TableName,
+    dead_letter: TableName,
+    insert: String,
+    insert_dead: String,
+    backlog: String,
+}
+
+/// Errors that name the table involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "table {table} is missing or has the wrong shape ({source}); run `outbox-worker migrate` or create it like the `inbox` table in migrations/"
+    )]
+    Shape {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+impl InboxStore {
+    /// Builds the statements; the dead-letter table is `<table>_dead_letter`.
+    pub fn new(table: TableName) -> Result<Self, crate::ident::NameError> {
+        let dead_letter = table.with_suffix("_dead_letter")?;
+        let t = table.quoted();
+        let dl = dead_letter.quoted();
+        Ok(InboxStore {
+            insert: format!(
+                "INSERT INTO {t} (message_id, pubsub_message_id, subscription, payload, attributes, ordering_key, published_at) \
+                 SELECT m, pm, $7, p, a, k, pt \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[], $6::timestamptz[]) \
+                      WITH ORDINALITY AS b(m, pm, p, a, k, pt, n) \
+                 ORDER BY n \
+                 ON CONFLICT (message_id) DO NOTHING \
+                 RETURNING message_id"
+            ),
+            insert_dead: format!(
+                "INSERT INTO {dl} (message_id, pubsub_message_id, subscription, payload, attributes, ordering_key, published_at, error) \
+                 SELECT m, pm, $8, p, a, k, pt, e \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]) \
+                      AS b(m, pm, p, a, k, pt, e) \
+                 ON CONFLICT (message_id) DO NOTHING"
+            ),
+            backlog: format!(
+                "SELECT count(*) FROM {t} WHERE processed_at IS NULL AND parked_at IS NULL"
+            ),
+            table,
+            dead_letter,
+        })
+    }
+
+    /// The inbox table.
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// The dead-letter table.
+    pub fn dead_letter(&self) -> &TableName {
+        &self.dead_letter
+    }
+
+    /// Fails with a readable error when either table is missing or lacks a
+    /// column the worker needs.
+    pub async fn check_shape(&self, pool: &PgPool) -> Result<(), StoreError> {
+        let inbox = "id, message_id, pubsub_message_id, subscription, payload, attributes, \
+                     ordering_key, published_at, received_at, processed_at";
+        let dead = "id, message_id, pubsub_message_id, subscription, payload, attributes, \
+                    ordering_key, published_at, received_at, error";
+        for (table, columns) in [(&self.table, inbox), (&self.dead_letter, dead)] {
+            let sql = format!("SELECT {columns} FROM {} LIMIT 0", table.quoted());
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(pool)
+                .await
+                .map_err(|source| match source {
+                    sqlx::Error::Database(_) => StoreError::Shape {
+                        table: table.to_string(),
+                        source,
+                    },
+                    other => StoreError::Sql(other),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Inserts `rows` in order, skipping those already stored; returns how
+    /// many were new.
+    pub async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        subscription: &str,
+        rows: &[&InboxRow],
+    ) -> Result<usize, sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+        let pubsub_ids: Vec<&str> = rows.iter().map(|r| r.pubsub_message_id.as_str()).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|r| &r.payload[..]).collect();
+        let attributes: Vec<&serde_json::Value> = rows.iter().map(|r| &r.attributes).collect();
+        let keys: Vec<Option<&str>> = rows.iter().map(|r| r.ordering_key.as_deref()).collect();
+        let published: Vec<Option<DateTime<Utc>>> = rows
+            .iter()
+            .map(|r| r.published_at_us.and_then(DateTime::from_timestamp_micros))
+            .collect();
+        let inserted: Vec<String> = sqlx::query_scalar(AssertSqlSafe(self.insert.as_str()))
+            .bind(&ids)
+            .bind(&pubsub_ids)
+            .bind(&payloads)
+            .bind(&attributes)
+            .bind(&keys)
+            .bind(&published)
+            .bind(subscription)
+            .fetch_all(conn)
+            .await?;
+        Ok(inserted.len())
+    }
+
+    /// Records messages that cannot be stored as they are; a message already
+    /// dead-lettered (a redelivery) is skipped.
+    pub async fn insert_dead(
+        &self,
+        conn: &mut PgConnection,
+        subscription: &str,
+        rows: &[&DeadRow],
+    ) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+        let pubsub_ids: Vec<&str> = rows.iter().map(|r| r.pubsub_message_id.as_str()).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|r| &r.payload[..]).collect();
+        let attributes: Vec<&str> = rows.iter().map(|r| r.attributes.as_str()).collect();
+        let keys: Vec<Option<&str>> = rows.iter().map(|r| r.ordering_key.as_deref()).collect();
+        let published: Vec<Option<DateTime<Utc>>> = rows
+            .iter()
+            .map(|r| r.published_at_us.and_then(DateTime::from_timestamp_micros))
+            .collect();
+        let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        sqlx::query(AssertSqlSafe(self.insert_dead.as_str()))
+            .bind(&ids)
+            .bind(&pubsub_ids)
+            .bind(&payloads)
+            .bind(&attributes)
+            .bind(&keys)
+            .bind(&published)
+            .bind(&errors)
+            .bind(subscription)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Unprocessed rows, for the backlog gauge.
+    pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))
+            .fetch_one(pool)
+            .await
+    }
+}
+
+/// Whether an error is the database refusing this data (SQLSTATE class 22,
+/// "data exception", e.g. an unsupported Unicode escape), as opposed to an
+/// outage: the batch is then stored message by message, and the message
+/// refused is dead-lettered.
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("22")),
+        _ => false,
+    }
+}
