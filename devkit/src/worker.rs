@@ -132,6 +132,33 @@ impl WorkerProcess {
     }
 }
 
+/// The upper bound of the histogram bucket holding quantile `q` (0..1) of
+/// histogram `name` in Prometheus text; `None` without observations.
+pub fn histogram_quantile(body: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= q * total)
+        .map(|(le, _)| *le)
+}
+
 /// Finds `name` (with or without labels) in Prometheus text.
 pub fn parse_metric(body: &str, name: &str) -> Option<f64> {
     body.lines()
@@ -144,5 +171,19 @@ pub fn parse_metric(body: &str, name: &str) -> Option<f64> {
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_from_buckets() {
+        let body = "x_bucket{le=\"0.001\"} 10\nx_bucket{le=\"0.01\"} 90\nx_bucket{le=\"0.1\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
+        assert_eq!(histogram_quantile(body, "x", 0.05), Some(0.001));
+        assert_eq!(histogram_quantile(body, "x", 0.5), Some(0.01));
+        assert_eq!(histogram_quantile(body, "x", 0.99), Some(0.1));
+        assert_eq!(histogram_quantile("", "x", 0.5), None);
     }
 }

@@ -313,6 +313,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let inbox_duplicates = inbox.metric("inbox_duplicates_total").await.unwrap_or(0.0);
     let inbox_dead = inbox.metric("inbox_dead_letter_total").await.unwrap_or(0.0);
+    let relay_latency = relay
+        .get("/metrics")
+        .await
+        .map(|(_, body)| {
+            let q =
+                |q| devkit::worker::histogram_quantile(&body, "outbox_publish_latency_seconds", q);
+            (q(0.5), q(0.99))
+        })
+        .unwrap_or((None, None));
     let status = relay.terminate(Duration::from_secs(15)).await?;
     let inbox_status = inbox.terminate(Duration::from_secs(15)).await?;
     consumer_stop.cancel();
@@ -360,6 +369,12 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(0.0)
+    );
+    let bound = |v: Option<f64>| v.map_or("n/a".to_owned(), |s| format!("<= {:.0} ms", s * 1000.0));
+    println!(
+        "   relay insert-to-publish p50 {}  p99 {}  (relay histogram buckets)",
+        bound(relay_latency.0),
+        bound(relay_latency.1)
     );
     println!("   relay exit on SIGTERM   {status}");
     println!("   inbox stored            {stored}  (distinct {inbox_distinct})");
