@@ -56,6 +56,44 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Waits until `check` (a table-shape check) passes, reporting the failure
+/// on readiness and in the log (every tenth attempt). A missing table is a
+/// configuration error, retried in case a migration is running; connection
+/// errors are retried like everything else. Returns early on `stop`.
+pub async fn wait_until_usable<F, Fut, E>(
+    what: &str,
+    mut check: F,
+    health: &crate::health::Health,
+    retry: (std::time::Duration, std::time::Duration),
+    stop: &tokio_util::sync::CancellationToken,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use crate::health::Component;
+    let mut backoff = crate::backoff::Backoff::new(retry.0, retry.1);
+    loop {
+        match check().await {
+            Ok(()) => {
+                health.ok(Component::Database);
+                return;
+            }
+            Err(e) => {
+                health.failing(Component::Database, e.to_string());
+                if backoff.failures().is_multiple_of(10) {
+                    tracing::error!(error = %e, "{what} not usable yet");
+                }
+            }
+        }
+        health.heartbeat();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {},
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// A cheap round trip, for readiness.
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await.map(|_| ())

@@ -19,6 +19,7 @@ pub mod ident;
 pub mod inbox;
 pub mod leader;
 pub mod metrics;
+pub mod probe;
 pub mod pubsub;
 pub mod relay;
 pub mod shutdown;

@@ -8,7 +8,7 @@ use google_cloud_pubsub::retry_policy::RetryableErrors;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::ident::TopicName;
+use crate::ident::{SubscriptionName, TopicName};
 
 /// The environment variable Google's clients read to find the emulator.
 pub const EMULATOR_HOST_ENV: &str = "PUBSUB_EMULATOR_HOST";
@@ -161,32 +161,65 @@ pub async fn subscriber(
     builder.build().await
 }
 
-/// What a readiness check learned about a topic.
+/// What a readiness check learned about a topic or subscription.
 #[derive(Debug, PartialEq, Eq)]
-pub enum TopicCheck {
-    /// The topic exists.
+pub enum ResourceCheck {
+    /// It exists.
     Exists,
-    /// The topic does not exist: publishing to it cannot succeed.
+    /// It does not exist: the worker cannot succeed.
     Missing,
-    /// We may publish but not read topic metadata (`roles/pubsub.publisher`
-    /// lacks `pubsub.topics.get`); reachability is then judged by publishing.
+    /// We may publish or pull but not read its metadata (`roles/pubsub.publisher`
+    /// and `roles/pubsub.subscriber` lack `*.get`); reachability is then judged
+    /// by the worker's own calls.
     NotPermitted,
     /// Pub/Sub could not be reached or answered with another error.
     Unreachable(String),
 }
 
-/// Looks the topic up.
-pub async fn check_topic(
-    admin: &google_cloud_pubsub::client::TopicAdmin,
-    topic: &TopicName,
-) -> TopicCheck {
-    use google_cloud_gax::error::rpc::Code;
-    match admin.get_topic().set_topic(topic.to_string()).send().await {
-        Ok(_) => TopicCheck::Exists,
-        Err(e) => match e.status().map(|s| s.code) {
-            Some(Code::NotFound) => TopicCheck::Missing,
-            Some(Code::PermissionDenied) => TopicCheck::NotPermitted,
-            _ => TopicCheck::Unreachable(e.to_string()),
-        },
+/// The Pub/Sub resource a worker depends on, with the client to look it up.
+pub enum PubSubResource {
+    /// The relay's own topic.
+    Topic(google_cloud_pubsub::client::TopicAdmin, TopicName),
+    /// The inbox worker's subscription.
+    Subscription(
+        google_cloud_pubsub::client::SubscriptionAdmin,
+        SubscriptionName,
+    ),
+}
+
+impl PubSubResource {
+    /// "topic projects/p/topics/t", for readiness messages.
+    pub fn describe(&self) -> String {
+        match self {
+            PubSubResource::Topic(_, name) => format!("topic {name}"),
+            PubSubResource::Subscription(_, name) => format!("subscription {name}"),
+        }
+    }
+
+    /// Looks the resource up.
+    pub async fn check(&self) -> ResourceCheck {
+        use google_cloud_gax::error::rpc::Code;
+        let result = match self {
+            PubSubResource::Topic(admin, name) => admin
+                .get_topic()
+                .set_topic(name.to_string())
+                .send()
+                .await
+                .map(|_| ()),
+            PubSubResource::Subscription(admin, name) => admin
+                .get_subscription()
+                .set_subscription(name.to_string())
+                .send()
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => ResourceCheck::Exists,
+            Err(e) => match e.status().map(|s| s.code) {
+                Some(Code::NotFound) => ResourceCheck::Missing,
+                Some(Code::PermissionDenied) => ResourceCheck::NotPermitted,
+                _ => ResourceCheck::Unreachable(e.to_string()),
+            },
+        }
     }
 }

@@ -7,14 +7,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{DatabaseArgs, duration};
-use outbox_worker::health::{Component, Health};
+use super::{DatabaseArgs, Sidecars, duration};
+use outbox_worker::health::Health;
 use outbox_worker::ident::{SubscriptionName, TableName};
 use outbox_worker::inbox::store::InboxStore;
 use outbox_worker::inbox::{FlowControl, Inbox, InboxConfig, source};
 use outbox_worker::metrics::InboxMetrics;
-use outbox_worker::pubsub::{self, Endpoint};
-use outbox_worker::{db, inbox, shutdown};
+use outbox_worker::probe::Probe;
+use outbox_worker::pubsub::{self, PubSubResource};
+use outbox_worker::{db, shutdown};
 
 #[derive(Args)]
 pub struct InboxArgs {
@@ -81,15 +82,15 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
         db::migrate(&pool).await.context("applying migrations")?;
     }
 
-    let endpoint = Endpoint::from_env();
-    if let Some(host) = &endpoint.emulator_host {
-        tracing::info!(%host, "using the Pub/Sub emulator without credentials");
-    }
+    let endpoint = super::pubsub_endpoint();
     let client = source::subscriber(&endpoint, args.streams as usize)
         .await
         .context("creating the Pub/Sub subscriber")?;
-    let admin = match pubsub::subscription_admin(&endpoint).await {
-        Ok(admin) => Some(Arc::new(admin)),
+    let resource = match pubsub::subscription_admin(&endpoint).await {
+        Ok(admin) => Some(Arc::new(PubSubResource::Subscription(
+            admin,
+            args.subscription.clone(),
+        ))),
         Err(e) => {
             tracing::warn!(error = %e, "no subscription admin client; readiness follows the pull");
             None
@@ -98,31 +99,22 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = InboxMetrics::register(&mut registry);
-    let registry = Arc::new(registry);
     let health = Health::new(args.liveness_timeout);
     let store = InboxStore::new(args.table.clone())?;
-
-    let listener = outbox_worker::health::bind(args.health_addr).await?;
-    let server = tokio::spawn(outbox_worker::health::serve(
-        listener,
-        health.clone(),
-        vec![Component::Database, Component::PubSub],
-        registry.clone(),
-        stop.child_token(),
-    ));
-    let watcher_stop = stop.child_token();
-    let watcher = tokio::spawn(
-        inbox::Probe {
+    let sidecars = Sidecars::start(
+        args.health_addr,
+        &health,
+        Arc::new(registry),
+        Probe {
             pool: pool.clone(),
-            store: store.clone(),
-            subscription: args.subscription.clone(),
-            admin,
-            metrics: metrics.clone(),
+            backlog_query: store.backlog_query(),
+            backlog: metrics.backlog.clone(),
+            resource,
             health: health.clone(),
             interval: args.probe_interval,
-        }
-        .run(watcher_stop.clone()),
-    );
+        },
+    )
+    .await?;
 
     let config = InboxConfig {
         subscription: args.subscription,
@@ -141,13 +133,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
     let worker = Inbox::new(config, pool.clone(), store, client, metrics, health);
     let result = worker.run(stop.clone()).await;
     stop.cancel();
-    watcher_stop.cancel();
-    let _ = watcher.await;
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "health server failed"),
-        Err(e) => tracing::error!(error = %e, "health server panicked"),
-    }
+    sidecars.stop().await;
     pool.close().await;
     result.context("inbox worker failed")
 }

@@ -7,7 +7,14 @@ mod relay;
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
+use outbox_worker::health::{self, Component, Health};
+use outbox_worker::probe::Probe;
+use outbox_worker::pubsub::Endpoint;
 use outbox_worker::telemetry::LogFormat;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +65,61 @@ impl Command {
             Command::Migrate(args) => migrate::run(args).await,
             Command::Relay(args) => relay::run(*args).await,
             Command::Inbox(args) => inbox::run(*args).await,
+        }
+    }
+}
+
+/// The Pub/Sub endpoint from the environment, said once in the log.
+pub fn pubsub_endpoint() -> Endpoint {
+    let endpoint = Endpoint::from_env();
+    if let Some(host) = &endpoint.emulator_host {
+        tracing::info!(%host, "using the Pub/Sub emulator without credentials");
+    }
+    endpoint
+}
+
+/// What runs beside every worker: the HTTP server of the probes and metrics,
+/// and the background readiness probe. They keep answering until the worker
+/// has finished, so a draining worker is still observable.
+pub struct Sidecars {
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    probe: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecars {
+    /// Binds `addr` first, so a taken port fails start-up.
+    pub async fn start(
+        addr: SocketAddr,
+        health: &Health,
+        registry: Arc<Registry>,
+        probe: Probe,
+    ) -> anyhow::Result<Sidecars> {
+        let stop = CancellationToken::new();
+        let listener = health::bind(addr).await?;
+        let server = tokio::spawn(health::serve(
+            listener,
+            health.clone(),
+            vec![Component::Database, Component::PubSub],
+            registry,
+            stop.clone(),
+        ));
+        let probe = tokio::spawn(probe.run(stop.clone()));
+        Ok(Sidecars {
+            stop,
+            server,
+            probe,
+        })
+    }
+
+    /// Stops both and reports a failed server.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.probe.await;
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "health server failed"),
+            Err(e) => tracing::error!(error = %e, "health server panicked"),
         }
     }
 }

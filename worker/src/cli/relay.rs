@@ -7,17 +7,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{DatabaseArgs, duration};
-use outbox_worker::health::{Component, Health};
+use super::{DatabaseArgs, Sidecars, duration};
+use outbox_worker::health::Health;
 use outbox_worker::ident::{TableName, TopicName};
 use outbox_worker::leader::{
     self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector,
 };
 use outbox_worker::metrics::RelayMetrics;
-use outbox_worker::pubsub::{self, Batching, Endpoint, Publishers};
+use outbox_worker::probe::Probe;
+use outbox_worker::pubsub::{self, Batching, PubSubResource, Publishers};
 use outbox_worker::relay::store::OutboxStore;
 use outbox_worker::relay::{Relay, RelayConfig};
-use outbox_worker::{db, relay, shutdown};
+use outbox_worker::{db, shutdown};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
@@ -187,15 +188,12 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         db::migrate(&pool).await.context("applying migrations")?;
     }
 
-    let endpoint = Endpoint::from_env();
-    if let Some(host) = &endpoint.emulator_host {
-        tracing::info!(%host, "using the Pub/Sub emulator without credentials");
-    }
+    let endpoint = super::pubsub_endpoint();
     let base = pubsub::base_publisher(&endpoint, args.publish_timeout)
         .await
         .context("creating the Pub/Sub publisher")?;
-    let admin = match pubsub::topic_admin(&endpoint).await {
-        Ok(admin) => Some(Arc::new(admin)),
+    let resource = match pubsub::topic_admin(&endpoint).await {
+        Ok(admin) => Some(Arc::new(PubSubResource::Topic(admin, args.topic.clone()))),
         Err(e) => {
             tracing::warn!(error = %e, "no topic admin client; readiness follows publish results");
             None
@@ -204,31 +202,22 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = RelayMetrics::register(&mut registry);
-    let registry = Arc::new(registry);
     let health = Health::new(args.liveness_timeout);
     let store = OutboxStore::new(args.table.clone())?;
-
-    let listener = outbox_worker::health::bind(args.health_addr).await?;
-    let server = tokio::spawn(outbox_worker::health::serve(
-        listener,
-        health.clone(),
-        vec![Component::Database, Component::PubSub],
-        registry.clone(),
-        stop.child_token(),
-    ));
-    let watcher_stop = stop.child_token();
-    let watcher = tokio::spawn(
-        relay::Probe {
+    let sidecars = Sidecars::start(
+        args.health_addr,
+        &health,
+        Arc::new(registry),
+        Probe {
             pool: pool.clone(),
-            store: store.clone(),
-            topic: args.topic.clone(),
-            admin,
-            metrics: metrics.clone(),
+            backlog_query: store.backlog_query(),
+            backlog: metrics.backlog.clone(),
+            resource,
             health: health.clone(),
             interval: args.probe_interval,
-        }
-        .run(watcher_stop.clone()),
-    );
+        },
+    )
+    .await?;
 
     let config = RelayConfig {
         topic: args.topic,
@@ -270,13 +259,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         let _ = elector.await;
     }
     stop.cancel();
-    watcher_stop.cancel();
-    let _ = watcher.await;
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "health server failed"),
-        Err(e) => tracing::error!(error = %e, "health server panicked"),
-    }
+    sidecars.stop().await;
     pool.close().await;
     result.context("relay failed")
 }

@@ -19,11 +19,9 @@
 //! processes them in id order.
 
 pub mod message;
-mod probe;
 pub mod source;
 pub mod store;
 
-pub use probe::Probe;
 pub use source::{Delivery, FlowControl};
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,7 +30,7 @@ use google_cloud_pubsub::client::Subscriber;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::health::{Component, Health};
@@ -128,7 +126,7 @@ impl Inbox {
     /// already received (within the shutdown timeout). Outages are retried
     /// forever; only a misconfigured table stops the worker.
     pub async fn run(self, stop: CancellationToken) -> Result<(), InboxError> {
-        self.wait_for_tables(&stop).await?;
+        self.wait_for_tables(&stop).await;
         if stop.is_cancelled() {
             return Ok(());
         }
@@ -376,27 +374,9 @@ impl Inbox {
     }
 
     /// Waits until the tables exist with the expected columns.
-    async fn wait_for_tables(&self, stop: &CancellationToken) -> Result<(), InboxError> {
-        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
-        loop {
-            match self.store.check_shape(&self.pool).await {
-                Ok(()) => {
-                    self.health.ok(Component::Database);
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.health.failing(Component::Database, e.to_string());
-                    if backoff.failures() == 0 || backoff.failures().is_multiple_of(10) {
-                        error!(error = %e, "inbox table not usable yet");
-                    }
-                }
-            }
-            self.health.heartbeat();
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {},
-                _ = stop.cancelled() => return Ok(()),
-            }
-        }
+    async fn wait_for_tables(&self, stop: &CancellationToken) {
+        let retry = (self.config.retry_min, self.config.retry_max);
+        let check = || self.store.check_shape(&self.pool);
+        crate::db::wait_until_usable("inbox table", check, &self.health, retry, stop).await;
     }
 }

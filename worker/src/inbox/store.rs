@@ -172,6 +172,11 @@ impl InboxStore {
         Ok(())
     }
 
+    /// The SQL of [`Self::backlog`], for the readiness probe.
+    pub fn backlog_query(&self) -> String {
+        self.backlog.clone()
+    }
+
     /// Unprocessed rows, for the backlog gauge.
     pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))

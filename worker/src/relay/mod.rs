@@ -24,11 +24,9 @@
 
 mod batch;
 pub mod message;
-mod probe;
 pub mod store;
 mod wakeup;
 
-pub use probe::Probe;
 pub use wakeup::CHANNEL as NOTIFY_CHANNEL;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -157,7 +155,7 @@ impl Relay {
             });
         }
         let stop = &either;
-        self.wait_for_tables(stop).await?;
+        self.wait_for_tables(stop).await;
         self.wait_for_previous_claims(stop).await;
         info!(
             table = %self.store.table(),
@@ -555,30 +553,10 @@ impl Relay {
         self.publishers.flush_all().await;
     }
 
-    /// Waits until the tables exist with the expected columns. A missing table
-    /// is a configuration error: reported, and retried in case a migration is
-    /// running; connection errors are retried like everything else.
-    async fn wait_for_tables(&self, stop: &CancellationToken) -> Result<(), RelayError> {
-        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
-        loop {
-            match self.store.check_shape(&self.pool).await {
-                Ok(()) => {
-                    self.health.ok(Component::Database);
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.health.failing(Component::Database, e.to_string());
-                    if backoff.failures() == 0 || backoff.failures().is_multiple_of(10) {
-                        error!(error = %e, "outbox table not usable yet");
-                    }
-                }
-            }
-            self.health.heartbeat();
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {},
-                _ = stop.cancelled() => return Ok(()),
-            }
-        }
+    /// Waits until the tables exist with the expected columns.
+    async fn wait_for_tables(&self, stop: &CancellationToken) {
+        let retry = (self.config.retry_min, self.config.retry_max);
+        let check = || self.store.check_shape(&self.pool);
+        crate::db::wait_until_usable("outbox table", check, &self.health, retry, stop).await;
     }
 }

@@ -185,6 +185,11 @@ impl OutboxStore {
         .await
     }
 
+    /// The SQL of [`Self::backlog`], for the readiness probe.
+    pub fn backlog_query(&self) -> String {
+        self.backlog.clone()
+    }
+
     /// Pending rows, for the backlog gauge.
     pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))
