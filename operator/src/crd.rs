@@ -87,7 +87,7 @@ pub struct OutboxRelaySpec {
 
     /// Maximum rows claimed and published per batch (the worker's default when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = 10000))]
     pub batch_size: Option<i32>,
 
     /// Timings of the worker's leader election (client-go semantics).
@@ -421,9 +421,9 @@ pub fn validate(relay: &OutboxRelay) -> Result<(), InvalidSpec> {
         c.secret_ref("spec.pubsub.credentialsSecretRef", r);
     }
     if let Some(b) = spec.batch_size
-        && !(1..=1000).contains(&b)
+        && !(1..=10_000).contains(&b)
     {
-        c.fail("spec.batchSize", "must be between 1 and 1000");
+        c.fail("spec.batchSize", "must be between 1 and 10000");
     }
     if let Some(image) = &spec.image {
         if image.is_empty() {

@@ -169,7 +169,7 @@ fn name_length_cel_logic() {
 fn all_problems_are_reported_at_once() {
     let mut relay = example("minimal.yaml");
     relay.spec.replicas = -1;
-    relay.spec.batch_size = Some(5000);
+    relay.spec.batch_size = Some(20_000);
     relay.spec.pubsub.emulator_host = Some("no-port".into());
     let err = validate(&relay).expect_err("invalid").to_string();
     for field in [

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::{DatabaseArgs, Sidecars, duration};
 use outbox_worker::health::Health;
 use outbox_worker::ident::{TableName, TopicName};
+use outbox_worker::relay;
 use outbox_worker::leader::{
     self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector,
 };
@@ -35,13 +36,13 @@ pub struct RelayArgs {
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     health_addr: SocketAddr,
     /// Rows claimed per transaction.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "BATCH_SIZE", default_value_t = relay::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
     /// Claimed batches in flight at once.
-    #[arg(long, env = "PIPELINE_DEPTH", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    #[arg(long, env = "PIPELINE_DEPTH", default_value_t = relay::DEFAULT_PIPELINE_DEPTH as u32, value_parser = clap::value_parser!(u32).range(1..=32))]
     pipeline_depth: u32,
     /// Payload bytes a batch aims to hold (bounds memory).
-    #[arg(long, env = "BATCH_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "BATCH_BYTES", default_value_t = relay::DEFAULT_BATCH_BYTES)]
     batch_bytes: usize,
     /// Fallback poll interval when no notification arrives.
     #[arg(long, env = "POLL_INTERVAL", default_value = "5s", value_parser = duration)]

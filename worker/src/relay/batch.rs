@@ -95,6 +95,21 @@ pub fn describe(error: &PublishError, topic: Option<&TopicName>) -> String {
 }
 
 impl Batch {
+    /// The (topic, ordering key) pairs of this batch: the keys the client may
+    /// have paused, to resume when the batch is given up.
+    pub fn keys(&self) -> BTreeSet<(TopicName, String)> {
+        self.entries
+            .iter()
+            .filter(|e| !e.ordering_key.is_empty())
+            .filter_map(|e| Some((e.topic.clone()?, e.ordering_key.clone())))
+            .collect()
+    }
+
+    /// The highest id of the batch (rows are in id order).
+    pub fn last_id(&self) -> Option<i64> {
+        self.entries.last().map(|e| e.id)
+    }
+
     /// Waits for every pending publish of this batch and records the answers.
     pub async fn settle(&mut self) -> SettleSummary {
         let mut summary = SettleSummary::default();

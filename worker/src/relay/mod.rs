@@ -1,50 +1,68 @@
 //! The outbox relay: PostgreSQL → Pub/Sub, at least once, in per-key order.
 //!
-//! The loop has three stages, each a method below:
+//! Three stages, run by two tasks:
 //!
-//! 1. **claim** — lock the oldest pending rows (`FOR UPDATE SKIP LOCKED`, in id
-//!    order) in a transaction and hand each to the Pub/Sub publisher. The
-//!    publisher batches them into requests and keeps per-key order.
-//! 2. **settle** — wait until Pub/Sub answered for every row of the oldest
-//!    batch in flight.
-//! 3. **finish** — in the claiming transaction, delete the acknowledged rows and
-//!    move the unpublishable ones to the dead-letter table, then commit.
+//! 1. **claim** (this module, the claiming loop) — lock the oldest pending
+//!    rows (`FOR UPDATE SKIP LOCKED`, in id order) in a transaction and hand
+//!    each to the Pub/Sub publisher, which batches them into requests and
+//!    keeps per-key order. The next claim starts above the rows still in
+//!    flight, so it does not step over this relay's own locked rows.
+//! 2. **settle** ([`commit`], its own task) — wait until Pub/Sub answered for
+//!    every row of the oldest batch in flight.
+//! 3. **finish** ([`commit`]) — in the claiming transaction, delete the
+//!    acknowledged rows and move the unpublishable ones to the dead-letter
+//!    table, then commit.
 //!
 //! Up to `pipeline_depth` batches are in flight, so claiming and publishing
-//! the next batch overlaps with waiting for the previous one. A row leaves the
-//! outbox only in the same commit that records its acknowledgement; a crash at
-//! any point rolls the claim back, and the rows are published again (the only
-//! source of duplicates, bounded by what was in flight).
+//! the next batch overlaps with waiting for and committing the previous ones.
+//! A row leaves the outbox only in the same commit that records its
+//! acknowledgement; a crash at any point rolls the claim back, and the rows
+//! are published again (the only source of duplicates, bounded by what was in
+//! flight).
 //!
 //! Order: rows are handed to the publisher in id order, and the publisher sends
 //! one ordering key's messages in that order. When a publish fails, the client
 //! pauses that key, so later messages of the key fail too instead of
-//! overtaking it. The relay then drains the pipeline, resumes the paused keys
-//! and claims again from the oldest row: the order holds across retries.
+//! overtaking it. The claiming loop then stops claiming until every batch in
+//! flight is finished, resumes the paused keys and claims again from the
+//! oldest row: the order holds across retries.
 
 mod batch;
+mod commit;
 pub mod message;
 pub mod store;
 mod wakeup;
 
 pub use wakeup::CHANNEL as NOTIFY_CHANNEL;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::health::{Component, Health};
 use crate::ident::TopicName;
 use crate::metrics::RelayMetrics;
 use crate::pubsub::Publishers;
-use batch::{Batch, Entry, Outcome, State};
+use batch::{Batch, Entry, State};
+use commit::{Committer, Finished, PausedKeys};
 use message::prepare;
 use store::OutboxStore;
 use wakeup::Wakeup;
+
+/// Rows per claim. Large claims matter most with ordering keys: Pub/Sub sends
+/// one request per key at a time, so rows per key per claim set the request
+/// size. 5,000 measured 1.4–1.8 x faster than 1,000 in `make bench`.
+pub const DEFAULT_BATCH_SIZE: u32 = 5000;
+/// Claimed batches in flight at once.
+pub const DEFAULT_PIPELINE_DEPTH: usize = 3;
+/// Payload bytes a claim aims to hold: bounds memory whatever the row size.
+pub const DEFAULT_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Tuning knobs of the relay loop.
 #[derive(Clone, Debug)]
@@ -56,8 +74,8 @@ pub struct RelayConfig {
     /// Claimed batches in flight at once.
     pub pipeline_depth: usize,
     /// Payload bytes a batch aims to hold; the claim size shrinks when rows
-    /// are large, and payloads above `batch_bytes / batch_size` are read one
-    /// at a time.
+    /// are large, and payloads above `batch_bytes / rows claimed` are read one
+    /// at a time, waiting for Pub/Sub after every `batch_bytes` of them.
     pub batch_bytes: usize,
     /// Fallback poll when no notification arrives.
     pub poll_interval: Duration,
@@ -76,9 +94,9 @@ impl RelayConfig {
     pub fn new(topic: TopicName) -> Self {
         RelayConfig {
             topic,
-            batch_size: 1000,
-            pipeline_depth: 3,
-            batch_bytes: 16 * 1024 * 1024,
+            batch_size: DEFAULT_BATCH_SIZE,
+            pipeline_depth: DEFAULT_PIPELINE_DEPTH,
+            batch_bytes: DEFAULT_BATCH_BYTES,
             poll_interval: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(5),
@@ -164,80 +182,102 @@ impl Relay {
             pipeline_depth = self.config.pipeline_depth,
             "relay started"
         );
+
+        // Stages 2 and 3 run in their own task, fed in claim order.
+        let depth = self.config.pipeline_depth.max(1);
+        let (to_commit, batches) = mpsc::channel::<Batch>(depth);
+        let (finished_tx, mut finished) = mpsc::unbounded_channel::<Finished>();
+        let committer = Committer {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            topic: self.config.topic.clone(),
+            publish_timeout: self.config.publish_timeout,
+        };
+        let mut committer = AbortOnDrop(tokio::spawn(committer.run(
+            batches,
+            finished_tx,
+            lost.clone(),
+        )));
+
         let mut wakeup = Wakeup::new(self.pool.clone(), self.config.poll_interval);
         let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
-        let mut in_flight: VecDeque<Batch> = VecDeque::new();
+        let mut pipeline = Pipeline::default();
         let mut retry_at: Option<Instant> = None;
         let mut more = true;
 
         while !stop.is_cancelled() {
             self.health.heartbeat();
 
-            // 1. Claim while there is room in the pipeline and rows to claim.
-            if more && retry_at.is_none() && in_flight.len() < self.config.pipeline_depth {
-                let claimed = tokio::select! {
-                    claimed = self.claim() => claimed,
-                    // Leadership lost mid-claim: the claim rolls back.
-                    _ = lost.cancelled() => continue,
-                };
-                match claimed {
-                    Ok(Some(batch)) => {
-                        more = batch.full;
-                        in_flight.push_back(batch);
-                        continue;
-                    }
-                    Ok(None) => more = false,
-                    Err(e) => {
-                        self.database_failed("claim", &e);
-                        more = false;
-                        retry_at = Some(Instant::now() + backoff.next_delay());
-                    }
-                }
+            // Take in what the committer finished meanwhile, without waiting.
+            while let Ok(done) = finished.try_recv() {
+                more = true;
+                self.absorb(done, &mut pipeline, &mut backoff);
             }
 
-            // 2.+3. Settle and finish the oldest batch.
-            if let Some(batch) = in_flight.pop_front() {
-                let completed = tokio::select! {
-                    completed = self.complete(batch) => completed,
-                    // Leadership lost: dropping the batch rolls its claim back.
-                    _ = lost.cancelled() => continue,
-                };
-                let failed = match completed {
-                    Ok(outcome) => {
-                        let keys = outcome.paused_keys;
-                        if outcome.retry > 0 {
-                            Some(keys)
-                        } else {
-                            self.resume(&keys);
-                            None
-                        }
-                    }
-                    Err(e) => {
-                        self.database_failed("commit", &e);
-                        Some(BTreeSet::new())
-                    }
-                };
-                if let Some(mut paused) = failed {
-                    // Later batches may hold messages of the failed keys: let
-                    // them all finish (they fail fast on paused keys), so the
-                    // next claim starts again from the oldest pending row.
-                    while let Some(batch) = in_flight.pop_front() {
-                        match self.complete(batch).await {
-                            Ok(outcome) => paused.extend(outcome.paused_keys),
-                            Err(e) => self.database_failed("commit", &e),
-                        }
-                    }
-                    self.resume(&paused);
+            // After a failure, once everything claimed before it is finished:
+            // resume the paused keys and start again from the oldest row.
+            if pipeline.in_flight == 0
+                && let Some(drained) = pipeline.draining.take()
+            {
+                self.resume(&drained.keys);
+                if drained.failed {
                     let delay = backoff.next_delay();
                     debug!(
                         delay_ms = delay.as_millis() as u64,
                         "retrying after failure"
                     );
                     retry_at = Some(Instant::now() + delay);
-                } else {
-                    backoff.reset();
                 }
-                more = true;
+            }
+
+            // 1. Claim while there is room in the pipeline and rows to claim.
+            let may_claim = retry_at.is_none() && pipeline.has_room(depth);
+            if more && may_claim {
+                let after = pipeline.claim_after();
+                let claimed = tokio::select! {
+                    claimed = self.claim(after) => claimed,
+                    // Leadership lost mid-claim: the claim rolls back.
+                    _ = lost.cancelled() => break,
+                };
+                match claimed {
+                    Ok(Some(batch)) => {
+                        more = batch.full;
+                        pipeline.claimed(&batch, after);
+                        if to_commit.send(batch).await.is_err() {
+                            // The committer stops only when leadership is lost.
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok(None) => {
+                        more = false;
+                        pipeline.restart_from_oldest();
+                    }
+                    Err(e) => {
+                        self.database_failed("claim", &e);
+                        more = false;
+                        pipeline.restart_from_oldest();
+                        retry_at = Some(Instant::now() + backoff.next_delay());
+                    }
+                }
+            }
+
+            // 2.+3. run in the committer: wait for it, and meanwhile for new
+            // rows to claim into the free room of the pipeline.
+            if pipeline.in_flight > 0 {
+                let listen = !more && may_claim;
+                tokio::select! {
+                    done = finished.recv() => match done {
+                        Some(done) => {
+                            more = true;
+                            self.absorb(done, &mut pipeline, &mut backoff);
+                        }
+                        None => break,
+                    },
+                    _ = wakeup.wait(), if listen => more = true,
+                    _ = stop.cancelled() => {},
+                }
                 continue;
             }
 
@@ -262,34 +302,45 @@ impl Relay {
             more = true;
         }
 
+        drop(to_commit);
         if lost.is_cancelled() {
-            self.abandon(in_flight);
+            // The committer gives up its batches at once (rolling them back)
+            // and hands back their ordering keys.
+            let keys = (&mut committer.0).await.unwrap_or_default();
+            if pipeline.in_flight > 0 {
+                warn!(
+                    batches = pipeline.in_flight,
+                    "rolled back in-flight claims; the next leader publishes them again"
+                );
+            }
+            self.resume(&keys);
             info!("relay stopped: leadership lost");
         } else {
-            self.drain(in_flight).await;
+            self.drain(&mut committer, pipeline.in_flight).await;
             info!("relay stopped");
         }
         Ok(())
     }
 
-    /// Rolls back every in-flight claim (dropping a batch rolls back its
-    /// transaction) and un-pauses their ordering keys for the next term.
-    fn abandon(&mut self, in_flight: VecDeque<Batch>) {
-        let rows: usize = in_flight.iter().map(|b| b.entries.len()).sum();
-        if rows > 0 {
-            warn!(
-                rows,
-                "rolling back in-flight claims; the next leader publishes them again"
-            );
+    /// Books a finished batch. A failure (rows left to retry, or a commit
+    /// that did not go through) or a key the client paused starts a drain:
+    /// batches claimed before it may hold later messages of the same keys, so
+    /// nothing new is claimed until they are all finished (they fail fast on
+    /// paused keys); then the keys are resumed and claiming starts again from
+    /// the oldest pending row, which keeps each key in order.
+    fn absorb(&mut self, done: Finished, pipeline: &mut Pipeline, backoff: &mut Backoff) {
+        pipeline.in_flight = pipeline.in_flight.saturating_sub(1);
+        if let Err(e) = &done.committed {
+            self.database_failed("commit", e);
         }
-        let keys: BTreeSet<_> = in_flight
-            .iter()
-            .flat_map(|b| b.entries.iter())
-            .filter(|e| !e.ordering_key.is_empty())
-            .filter_map(|e| Some((e.topic.clone()?, e.ordering_key.clone())))
-            .collect();
-        drop(in_flight);
-        self.resume(&keys);
+        let failed = done.outcome.retry > 0 || done.committed.is_err();
+        if failed || !done.outcome.paused_keys.is_empty() || pipeline.draining.is_some() {
+            let draining = pipeline.draining.get_or_insert_with(Draining::default);
+            draining.failed |= failed;
+            draining.keys.extend(done.outcome.paused_keys);
+        } else {
+            backoff.reset();
+        }
     }
 
     /// A new leader must not claim past rows that a previous leader still
@@ -330,14 +381,17 @@ impl Relay {
         }
     }
 
-    /// Stage 1: claim a batch and hand its rows to the publisher.
-    async fn claim(&mut self) -> Result<Option<Batch>, sqlx::Error> {
-        let inline_bytes =
-            (self.config.batch_bytes / self.config.batch_size.max(1) as usize).max(1024) as i32;
+    /// Stage 1: claim a batch of rows above `after` and hand them to the
+    /// publisher.
+    async fn claim(&mut self, after: i64) -> Result<Option<Batch>, sqlx::Error> {
+        // Rows up to this size come with the claim; the claim then holds at
+        // most about `batch_bytes` of payloads. Larger ones are read one by one.
+        let inline_bytes = (self.config.batch_bytes / self.claim_limit.max(1) as usize)
+            .clamp(1024, i32::MAX as usize) as i32;
         let mut tx = self.pool.begin().await?;
         let rows = self
             .store
-            .claim(&mut tx, self.claim_limit, inline_bytes)
+            .claim(&mut tx, self.claim_limit, inline_bytes, after)
             .await?;
         self.health.ok(Component::Database);
         if rows.is_empty() {
@@ -356,13 +410,20 @@ impl Relay {
             bytes: 0,
         };
         let published = async {
+            // Payload bytes read one by one and not yet acknowledged.
+            let mut large_pending = 0usize;
             for mut row in rows {
                 let large = row.payload.is_none();
                 if large {
-                    // Bound memory: let earlier messages go out first, then
-                    // read and publish this one on its own.
-                    batch.settle().await;
-                    row.payload = Some(self.store.fetch_payload(&mut batch.tx, row.id).await?);
+                    // Bound memory: once about `batch_bytes` of large payloads
+                    // are out, wait for Pub/Sub before reading more.
+                    if large_pending >= self.config.batch_bytes {
+                        batch.settle().await;
+                        large_pending = 0;
+                    }
+                    let payload = self.store.fetch_payload(&mut batch.tx, row.id).await?;
+                    large_pending += payload.len();
+                    row.payload = Some(payload);
                 }
                 let entry = match prepare(&row, &self.config.topic) {
                     Ok(prepared) => {
@@ -391,9 +452,6 @@ impl Relay {
                     }
                 };
                 batch.entries.push(entry);
-                if large {
-                    batch.settle().await;
-                }
             }
             Ok::<_, sqlx::Error>(())
         }
@@ -402,13 +460,7 @@ impl Relay {
         if let Err(e) = published {
             // The claim rolls back and the rows are published again later. A
             // key the client paused meanwhile must not stay paused.
-            let keys: BTreeSet<_> = batch
-                .entries
-                .iter()
-                .filter(|e| !e.ordering_key.is_empty())
-                .filter_map(|e| Some((e.topic.clone()?, e.ordering_key.clone())))
-                .collect();
-            self.resume(&keys);
+            self.resume(&batch.keys());
             return Err(e);
         }
         self.adapt_claim_limit(&batch);
@@ -421,95 +473,6 @@ impl Relay {
         let per_row = (batch.bytes / rows).max(1);
         let fits = (self.config.batch_bytes / per_row).max(1) as i64;
         self.claim_limit = fits.min(i64::from(self.config.batch_size.max(1)));
-    }
-
-    /// Stages 2 and 3: wait for Pub/Sub's answers, then delete, dead-letter
-    /// and commit in the claiming transaction.
-    async fn complete(&mut self, mut batch: Batch) -> Result<Outcome, sqlx::Error> {
-        let span = info_span!(
-            "finish",
-            rows = batch.entries.len(),
-            first_id = batch.entries.first().map(|e| e.id)
-        );
-        async {
-            let deadline = self.config.publish_timeout + Duration::from_secs(5);
-            let summary = match tokio::time::timeout(deadline, batch.settle()).await {
-                Ok(summary) => summary,
-                Err(_) => {
-                    batch.abandon_pending("no answer from Pub/Sub in time");
-                    Default::default()
-                }
-            };
-            let outcome = batch.outcome();
-            self.store
-                .finish(&mut batch.tx, &outcome.published, &outcome.dead)
-                .await?;
-            batch.tx.commit().await?;
-            self.health.ok(Component::Database);
-            self.record(
-                &batch.entries,
-                batch.claimed_at,
-                &outcome,
-                summary.own_topic_missing,
-            );
-            Ok(outcome)
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Metrics, health and logs for a committed batch.
-    fn record(
-        &self,
-        entries: &[Entry],
-        claimed_at: Instant,
-        outcome: &Outcome,
-        own_topic_missing: bool,
-    ) {
-        let since_claim = claimed_at.elapsed().as_secs_f64();
-        for entry in entries {
-            if matches!(entry.state, State::Published) {
-                self.metrics
-                    .latency
-                    .observe(entry.age_at_claim + since_claim);
-            }
-        }
-        self.metrics
-            .published
-            .inc_by(outcome.published.len() as u64);
-        if !outcome.dead.is_empty() {
-            self.metrics.dead_lettered.inc_by(outcome.dead.len() as u64);
-            self.metrics
-                .publish_error("permanent", outcome.dead.len() as u64);
-            for (id, reason) in &outcome.dead {
-                warn!(id, %reason, "moved to the dead-letter table");
-            }
-        }
-        if outcome.retry > 0 {
-            self.metrics
-                .publish_error("transient", outcome.retry as u64);
-            let reason = outcome.first_retry_reason.as_deref().unwrap_or("unknown");
-            if own_topic_missing {
-                self.health.failing(
-                    Component::PubSub,
-                    format!("topic {} does not exist", self.config.topic),
-                );
-                error!(topic = %self.config.topic, "the relay's topic does not exist; retrying");
-            } else if outcome.published.is_empty() {
-                self.health
-                    .failing(Component::PubSub, format!("publish failed: {reason}"));
-            }
-            warn!(failed = outcome.retry, published = outcome.published.len(), %reason, "publish failed; rows stay in the outbox and will be retried");
-        }
-        if !outcome.published.is_empty() {
-            self.health.ok(Component::PubSub);
-        }
-        debug!(
-            published = outcome.published.len(),
-            dead = outcome.dead.len(),
-            retry = outcome.retry,
-            "batch committed"
-        );
     }
 
     fn resume(&mut self, keys: &BTreeSet<(TopicName, String)>) {
@@ -525,31 +488,18 @@ impl Relay {
         warn!(stage, %error, "database operation failed; will retry");
     }
 
-    /// On shutdown: finish what is in flight within the shutdown timeout;
-    /// whatever is left is rolled back and published again by the next run.
-    async fn drain(&mut self, mut in_flight: VecDeque<Batch>) {
-        if in_flight.is_empty() {
-            return;
+    /// On shutdown: let the committer finish what is in flight within the
+    /// shutdown timeout; whatever is left is rolled back (by aborting the
+    /// committer, which drops its batches) and published again by the next run.
+    async fn drain(&mut self, committer: &mut AbortOnDrop, in_flight: usize) {
+        if in_flight > 0 {
+            info!(batches = in_flight, "finishing in-flight batches");
         }
-        let rows: usize = in_flight.iter().map(|b| b.entries.len()).sum();
-        info!(
-            batches = in_flight.len(),
-            rows, "finishing in-flight batches"
-        );
-        let deadline = Instant::now() + self.config.shutdown_timeout;
-        while let Some(batch) = in_flight.pop_front() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.complete(batch)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => self.database_failed("commit", &e),
-                Err(_) => {
-                    warn!("shutdown timeout reached; releasing the rest for the next run");
-                    break;
-                }
-            }
+        let timeout = self.config.shutdown_timeout;
+        if tokio::time::timeout(timeout, &mut committer.0).await.is_err() {
+            warn!("shutdown timeout reached; releasing the rest for the next run");
+            committer.0.abort();
         }
-        // Dropping the remaining batches rolls their claims back.
-        drop(in_flight);
         self.publishers.flush_all().await;
     }
 
@@ -558,5 +508,78 @@ impl Relay {
         let retry = (self.config.retry_min, self.config.retry_max);
         let check = || self.store.check_shape(&self.pool);
         crate::db::wait_until_usable("outbox table", check, &self.health, retry, stop).await;
+    }
+}
+
+/// What the claiming loop knows about the batches it handed to the committer.
+#[derive(Default)]
+struct Pipeline {
+    /// Batches claimed and not yet finished.
+    in_flight: usize,
+    /// The highest id claimed by the batches in flight: the next claim starts
+    /// above it instead of stepping over our own locked rows.
+    after: i64,
+    /// When claims last started from the oldest row.
+    from_oldest_at: Option<Instant>,
+    /// Set after a failure: claim nothing until the pipeline is empty.
+    draining: Option<Draining>,
+}
+
+/// How long claims may keep starting above the in-flight rows before one
+/// starts from the oldest row again: ids are handed out at insert, not at
+/// commit, so a slow transaction can commit a row below rows already claimed.
+const REWIND_EVERY: Duration = Duration::from_secs(1);
+
+impl Pipeline {
+    fn has_room(&self, depth: usize) -> bool {
+        self.draining.is_none() && self.in_flight < depth
+    }
+
+    /// Where the next claim starts.
+    fn claim_after(&self) -> i64 {
+        let fresh = self
+            .from_oldest_at
+            .is_some_and(|at| at.elapsed() < REWIND_EVERY);
+        if self.in_flight == 0 || !fresh {
+            0
+        } else {
+            self.after
+        }
+    }
+
+    /// A batch claimed from above `after` is now in flight.
+    fn claimed(&mut self, batch: &Batch, after: i64) {
+        self.in_flight += 1;
+        if after == 0 {
+            self.from_oldest_at = Some(Instant::now());
+        }
+        match (batch.full, batch.last_id()) {
+            (true, Some(last)) => self.after = last,
+            // A short claim saw all there was: start from the oldest next.
+            _ => self.restart_from_oldest(),
+        }
+    }
+
+    fn restart_from_oldest(&mut self) {
+        self.after = 0;
+        self.from_oldest_at = None;
+    }
+}
+
+/// Keys to resume and whether to back off once the pipeline is drained.
+#[derive(Default)]
+struct Draining {
+    keys: PausedKeys,
+    /// Rows were left to retry or a commit failed (not only a dead letter).
+    failed: bool,
+}
+
+/// Aborts the committer task if the relay loop is dropped, so its batches
+/// roll back instead of finishing behind the caller's back.
+struct AbortOnDrop(JoinHandle<PausedKeys>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
