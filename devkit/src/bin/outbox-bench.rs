@@ -556,13 +556,8 @@ impl Bench {
         }
         let rate = done as f64 / started.elapsed().as_secs_f64();
         anyhow::ensure!(done == n, "database ceiling: {done} of {n} rows");
-        self.results.add(
-            "1 ceiling",
-            DB_CEILING,
-            &v.label(),
-            "rows/s",
-            rate,
-        );
+        self.results
+            .add("1 ceiling", DB_CEILING, &v.label(), "rows/s", rate);
         Ok(())
     }
 
@@ -1475,11 +1470,7 @@ fn targets(
             .get("3 relay", RELAY_FIGURE, &label)
             .map(|f| f.median());
         let db = results
-            .get(
-                "1 ceiling",
-                DB_CEILING,
-                &label,
-            )
+            .get("1 ceiling", DB_CEILING, &label)
             .map(|f| f.median());
         let ps = results
             .get("2 ceiling", "Pub/Sub: batched publish, no database", &label)
@@ -1517,7 +1508,11 @@ fn targets(
             ));
         }
         let baseline = results
-            .get("3 relay", &format!("{RELAY_FIGURE}{}", Build::Baseline.suffix()), &label)
+            .get(
+                "3 relay",
+                &format!("{RELAY_FIGURE}{}", Build::Baseline.suffix()),
+                &label,
+            )
             .map(|f| f.median());
         if let (Some(r), Some(b)) = (relay, baseline) {
             results.note(
@@ -1622,7 +1617,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let baseline = args.baseline_worker.clone();
     if let Some(b) = &baseline {
-        anyhow::ensure!(b.exists(), "--baseline-worker {} does not exist", b.display());
+        anyhow::ensure!(
+            b.exists(),
+            "--baseline-worker {} does not exist",
+            b.display()
+        );
     }
     let mut bench = Bench {
         args,

@@ -10,13 +10,13 @@ use std::time::Duration;
 use super::{DatabaseArgs, Sidecars, duration};
 use outbox_worker::health::Health;
 use outbox_worker::ident::{TableName, TopicName};
-use outbox_worker::relay;
 use outbox_worker::leader::{
     self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector,
 };
 use outbox_worker::metrics::RelayMetrics;
 use outbox_worker::probe::Probe;
 use outbox_worker::pubsub::{self, Batching, PubSubResource, Publishers};
+use outbox_worker::relay;
 use outbox_worker::relay::store::OutboxStore;
 use outbox_worker::relay::{Relay, RelayConfig};
 use outbox_worker::{db, shutdown};

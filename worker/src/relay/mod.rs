@@ -496,7 +496,10 @@ impl Relay {
             info!(batches = in_flight, "finishing in-flight batches");
         }
         let timeout = self.config.shutdown_timeout;
-        if tokio::time::timeout(timeout, &mut committer.0).await.is_err() {
+        if tokio::time::timeout(timeout, &mut committer.0)
+            .await
+            .is_err()
+        {
             warn!("shutdown timeout reached; releasing the rest for the next run");
             committer.0.abort();
         }

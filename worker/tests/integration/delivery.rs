@@ -69,3 +69,58 @@ async fn ten_thousand_mixed_rows_arrive_exactly_as_written() {
     }
     drop(relay);
 }
+
+/// Claims start above the rows this relay already holds, which would skip a
+/// row that commits late with a lower id (ids are taken at insert). Such a
+/// row must still go out within about a second, not wait until the backlog
+/// is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_late_below_claimed_rows_is_not_starved() {
+    let env = TestEnv::new("late-commit").await;
+    // Takes a low id and commits only once the relay is deep in the backlog.
+    let mut late = env.pool.begin().await.expect("begin");
+    let (late_id, late_message): (i64, uuid::Uuid) =
+        sqlx::query_as("INSERT INTO outbox (payload) VALUES ('late') RETURNING id, message_id")
+            .fetch_one(&mut *late)
+            .await
+            .expect("insert the late row");
+    let total = 30_000usize;
+    let ids = insert(&env.pool, &numbered(0, total, 0)).await;
+
+    // Tiny claims: the backlog lasts several seconds.
+    let relay = env.spawn_relay(&["--batch-size", "10"]);
+    env.wait_pending_at_most(total as i64 - 2_000).await;
+    late.commit().await.expect("commit the late row");
+    let committed = std::time::Instant::now();
+
+    let still_pending = devkit::wait_for("the late row to be published", WAIT, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = $1")
+            .bind(late_id)
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+        if left > 0 {
+            return None;
+        }
+        Some(env.pending().await)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.log()));
+    println!(
+        "late row published {:?} after its commit, {still_pending} rows of the backlog still pending",
+        committed.elapsed()
+    );
+    assert!(
+        still_pending > 0,
+        "the late row went out only after the whole backlog: it waited for a short claim"
+    );
+    let mut all = ids;
+    all.push(late_message);
+    let received = env
+        .collector
+        .wait_distinct(total + 1, WAIT)
+        .await
+        .expect("all arrive");
+    assert_eq!(assert_all_arrived(&all, &received), 0, "no duplicates");
+    drop(relay);
+}
