@@ -7,6 +7,7 @@
 //! dead index entries that every later claim has to skip.
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use uuid::Uuid;
@@ -112,25 +113,26 @@ impl OutboxStore {
         inline_bytes: i32,
         after: i64,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let rows = sqlx::query(AssertSqlSafe(self.claim.as_str()))
+        // Streamed and converted row by row, so the raw rows of a whole
+        // claim are never held next to their converted copies.
+        let mut rows = Vec::with_capacity(limit.clamp(0, 10_000) as usize);
+        let mut stream = sqlx::query(AssertSqlSafe(self.claim.as_str()))
             .bind(limit)
             .bind(inline_bytes)
             .bind(after)
-            .fetch_all(conn)
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get("id")?,
-                    message_id: r.try_get::<Uuid, _>("message_id")?,
-                    payload: r.try_get::<Option<Vec<u8>>, _>("payload")?.map(Bytes::from),
-                    ordering_key: r.try_get("ordering_key")?,
-                    attributes: r.try_get("attributes")?,
-                    topic: r.try_get("topic")?,
-                    age_at_claim: r.try_get::<Option<f64>, _>("age")?.unwrap_or(0.0),
-                })
-            })
-            .collect()
+            .fetch(conn);
+        while let Some(r) = stream.try_next().await? {
+            rows.push(OutboxRow {
+                id: r.try_get("id")?,
+                message_id: r.try_get::<Uuid, _>("message_id")?,
+                payload: r.try_get::<Option<Vec<u8>>, _>("payload")?.map(Bytes::from),
+                ordering_key: r.try_get("ordering_key")?,
+                attributes: r.try_get("attributes")?,
+                topic: r.try_get("topic")?,
+                age_at_claim: r.try_get::<Option<f64>, _>("age")?.unwrap_or(0.0),
+            });
+        }
+        Ok(rows)
     }
 
     /// Reads one payload of a row this transaction already holds.
