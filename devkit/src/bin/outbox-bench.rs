@@ -108,6 +108,15 @@ fn relay_batch() -> (i64, usize) {
     (i64::from(rows), bytes)
 }
 
+/// Claims the relay keeps in flight: its default or `PIPELINE_DEPTH`.
+fn relay_depth() -> usize {
+    std::env::var("PIPELINE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(outbox_worker::relay::DEFAULT_PIPELINE_DEPTH)
+        .max(1)
+}
+
 /// The relay's inline-payload threshold for a claim of `rows` rows.
 fn inline_bytes(rows: i64, bytes: usize) -> i32 {
     (bytes / rows.max(1) as usize).clamp(1024, i32::MAX as usize) as i32
@@ -544,7 +553,7 @@ impl Bench {
         let mut done = 0usize;
         loop {
             let mut tx = self.pool.begin().await?;
-            let rows = store.claim(&mut tx, batch, inline, 0).await?;
+            let rows = store.claim(&mut tx, batch, inline).await?;
             if rows.is_empty() {
                 tx.rollback().await?;
                 break;
@@ -561,9 +570,10 @@ impl Bench {
         Ok(())
     }
 
-    /// Diagnostic: the same SQL with three claims in flight, as the relay
-    /// keeps them (each later claim starts above the rows the earlier ones
-    /// hold locked). Not a ceiling; shows what the pipeline costs the database.
+    /// Diagnostic: the same SQL with as many claims in flight as the relay
+    /// keeps (`relay_depth`; each later claim
+    /// skips the rows the earlier ones hold locked). Not a ceiling; shows what
+    /// pipelined claims cost the database.
     async fn db_pipelined(&mut self, v: Variant) -> anyhow::Result<()> {
         let n = self.args.rows;
         self.truncate("outbox").await?;
@@ -576,14 +586,9 @@ impl Bench {
         let mut in_flight = std::collections::VecDeque::new();
         let mut more = true;
         loop {
-            while more && in_flight.len() < 3 {
+            while more && in_flight.len() < relay_depth() {
                 let mut tx = self.pool.begin().await?;
-                // Like the relay: start above the rows the claims in flight hold.
-                let after = in_flight
-                    .back()
-                    .and_then(|(_, ids): &(_, Vec<i64>)| ids.last().copied())
-                    .unwrap_or(0);
-                let rows = store.claim(&mut tx, batch, inline, after).await?;
+                let rows = store.claim(&mut tx, batch, inline).await?;
                 if rows.is_empty() {
                     tx.rollback().await?;
                     more = false;
@@ -603,7 +608,7 @@ impl Bench {
         anyhow::ensure!(done == n, "pipelined database loop: {done} of {n} rows");
         self.results.add(
             "1 ceiling",
-            "(diagnostic) database, 3 claims in flight like the relay",
+            "(diagnostic) database, claims in flight like the relay's",
             &v.label(),
             "rows/s",
             rate,

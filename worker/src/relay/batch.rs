@@ -105,11 +105,6 @@ impl Batch {
             .collect()
     }
 
-    /// The highest id of the batch (rows are in id order).
-    pub fn last_id(&self) -> Option<i64> {
-        self.entries.last().map(|e| e.id)
-    }
-
     /// Waits for every pending publish of this batch and records the answers.
     pub async fn settle(&mut self) -> SettleSummary {
         let mut summary = SettleSummary::default();

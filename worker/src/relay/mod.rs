@@ -5,8 +5,7 @@
 //! 1. **claim** (this module, the claiming loop) — lock the oldest pending
 //!    rows (`FOR UPDATE SKIP LOCKED`, in id order) in a transaction and hand
 //!    each to the Pub/Sub publisher, which batches them into requests and
-//!    keeps per-key order. The next claim starts above the rows still in
-//!    flight, so it does not step over this relay's own locked rows.
+//!    keeps per-key order.
 //! 2. **settle** ([`commit`], its own task) — wait until Pub/Sub answered for
 //!    every row of the oldest batch in flight.
 //! 3. **finish** ([`commit`]) — in the claiming transaction, delete the
@@ -236,30 +235,27 @@ impl Relay {
             // 1. Claim while there is room in the pipeline and rows to claim.
             let may_claim = retry_at.is_none() && pipeline.has_room(depth);
             if more && may_claim {
-                let after = pipeline.claim_after();
                 let claimed = tokio::select! {
-                    claimed = self.claim(after) => claimed,
+                    claimed = self.claim() => claimed,
                     // Leadership lost mid-claim: the claim rolls back.
                     _ = lost.cancelled() => break,
                 };
                 match claimed {
                     Ok(Some(batch)) => {
                         more = batch.full;
-                        pipeline.claimed(&batch, after);
-                        if to_commit.send(batch).await.is_err() {
-                            // The committer stops only when leadership is lost.
+                        pipeline.in_flight += 1;
+                        if let Err(unsent) = to_commit.send(batch).await {
+                            // The committer stops only when leadership is
+                            // lost; this batch rolls back here.
+                            self.resume(&unsent.0.keys());
                             break;
                         }
                         continue;
                     }
-                    Ok(None) => {
-                        more = false;
-                        pipeline.restart_from_oldest();
-                    }
+                    Ok(None) => more = false,
                     Err(e) => {
                         self.database_failed("claim", &e);
                         more = false;
-                        pipeline.restart_from_oldest();
                         retry_at = Some(Instant::now() + backoff.next_delay());
                     }
                 }
@@ -308,7 +304,11 @@ impl Relay {
         if lost.is_cancelled() {
             // The committer gives up its batches at once (rolling them back)
             // and hands back their ordering keys.
-            let keys = (&mut committer.0).await.unwrap_or_default();
+            let keys = match (&mut committer.0).await {
+                Ok(keys) => keys,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => PausedKeys::new(),
+            };
             if pipeline.in_flight > 0 {
                 warn!(
                     batches = pipeline.in_flight,
@@ -321,6 +321,16 @@ impl Relay {
             self.drain(&mut committer, pipeline.in_flight).await;
             info!("relay stopped");
         }
+        // A later term (this replica may lead again) starts with every key
+        // resumed, also those of failures not yet booked.
+        let mut paused = pipeline.draining.take().map(|d| d.keys).unwrap_or_default();
+        while let Ok(done) = finished.try_recv() {
+            if let Err(e) = &done.committed {
+                self.database_failed("commit", e);
+            }
+            paused.extend(done.outcome.paused_keys);
+        }
+        self.resume(&paused);
         Ok(())
     }
 
@@ -383,9 +393,8 @@ impl Relay {
         }
     }
 
-    /// Stage 1: claim a batch of rows above `after` and hand them to the
-    /// publisher.
-    async fn claim(&mut self, after: i64) -> Result<Option<Batch>, sqlx::Error> {
+    /// Stage 1: claim a batch and hand its rows to the publisher.
+    async fn claim(&mut self) -> Result<Option<Batch>, sqlx::Error> {
         // Rows up to this size come with the claim; the claim then holds at
         // most about `batch_bytes` of payloads. Larger ones are read one by one.
         let inline_bytes = (self.config.batch_bytes / self.claim_limit.max(1) as usize)
@@ -393,7 +402,7 @@ impl Relay {
         let mut tx = self.pool.begin().await?;
         let rows = self
             .store
-            .claim(&mut tx, self.claim_limit, inline_bytes, after)
+            .claim(&mut tx, self.claim_limit, inline_bytes)
             .await?;
         self.health.ok(Component::Database);
         if rows.is_empty() {
@@ -498,12 +507,13 @@ impl Relay {
             info!(batches = in_flight, "finishing in-flight batches");
         }
         let timeout = self.config.shutdown_timeout;
-        if tokio::time::timeout(timeout, &mut committer.0)
-            .await
-            .is_err()
-        {
-            warn!("shutdown timeout reached; releasing the rest for the next run");
-            committer.0.abort();
+        match tokio::time::timeout(timeout, &mut committer.0).await {
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(_) => {}
+            Err(_) => {
+                warn!("shutdown timeout reached; releasing the rest for the next run");
+                committer.0.abort();
+            }
         }
         self.publishers.flush_all().await;
     }
@@ -521,53 +531,13 @@ impl Relay {
 struct Pipeline {
     /// Batches claimed and not yet finished.
     in_flight: usize,
-    /// The highest id claimed by the batches in flight: the next claim starts
-    /// above it instead of stepping over our own locked rows.
-    after: i64,
-    /// When claims last started from the oldest row.
-    from_oldest_at: Option<Instant>,
     /// Set after a failure: claim nothing until the pipeline is empty.
     draining: Option<Draining>,
 }
 
-/// How long claims may keep starting above the in-flight rows before one
-/// starts from the oldest row again: ids are handed out at insert, not at
-/// commit, so a slow transaction can commit a row below rows already claimed.
-const REWIND_EVERY: Duration = Duration::from_secs(1);
-
 impl Pipeline {
     fn has_room(&self, depth: usize) -> bool {
         self.draining.is_none() && self.in_flight < depth
-    }
-
-    /// Where the next claim starts.
-    fn claim_after(&self) -> i64 {
-        let fresh = self
-            .from_oldest_at
-            .is_some_and(|at| at.elapsed() < REWIND_EVERY);
-        if self.in_flight == 0 || !fresh {
-            0
-        } else {
-            self.after
-        }
-    }
-
-    /// A batch claimed from above `after` is now in flight.
-    fn claimed(&mut self, batch: &Batch, after: i64) {
-        self.in_flight += 1;
-        if after == 0 {
-            self.from_oldest_at = Some(Instant::now());
-        }
-        match (batch.full, batch.last_id()) {
-            (true, Some(last)) => self.after = last,
-            // A short claim saw all there was: start from the oldest next.
-            _ => self.restart_from_oldest(),
-        }
-    }
-
-    fn restart_from_oldest(&mut self) {
-        self.after = 0;
-        self.from_oldest_at = None;
     }
 }
 

@@ -55,7 +55,7 @@ impl OutboxStore {
                         CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
                         ordering_key, attributes, topic, \
                         EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS age \
-                 FROM {t} WHERE id > $3 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                 FROM {t} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             ),
             fetch_payload: format!("SELECT payload FROM {t} WHERE id = $1"),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
@@ -98,20 +98,20 @@ impl OutboxStore {
         Ok(())
     }
 
-    /// Locks and reads up to `limit` pending rows with an id above `after`,
-    /// in id order. Payloads larger than `inline_bytes` come back as `None`
-    /// and are read with [`Self::fetch_payload`] just before publishing, so
-    /// that a batch never holds many large payloads at once.
+    /// Locks and reads up to `limit` pending rows, oldest first. Payloads
+    /// larger than `inline_bytes` come back as `None` and are read with
+    /// [`Self::fetch_payload`] just before publishing, so that a batch never
+    /// holds many large payloads at once.
     ///
-    /// `after` lets a claim start behind the rows that this relay's earlier
-    /// claims still hold: `SKIP LOCKED` would skip them too, but only after
-    /// visiting every one of them in the index.
+    /// Always from the oldest row: ids are taken at insert, not at commit, so
+    /// a row can become visible below rows already claimed. Starting above
+    /// the rows in flight would skip it and publish a later row of its key
+    /// first (the test `a_late_commit_is_published_before_the_next_message_of_its_key`).
     pub async fn claim(
         &self,
         conn: &mut PgConnection,
         limit: i64,
         inline_bytes: i32,
-        after: i64,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         // Streamed and converted row by row, so the raw rows of a whole
         // claim are never held next to their converted copies.
@@ -119,7 +119,6 @@ impl OutboxStore {
         let mut stream = sqlx::query(AssertSqlSafe(self.claim.as_str()))
             .bind(limit)
             .bind(inline_bytes)
-            .bind(after)
             .fetch(conn);
         while let Some(r) = stream.try_next().await? {
             rows.push(OutboxRow {
