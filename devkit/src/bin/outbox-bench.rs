@@ -883,7 +883,7 @@ impl Bench {
     /// the committing INSERT (stamped in the payload): commit-to-receive, an
     /// upper bound of commit-to-publish. The relay's own histogram
     /// (insert → Pub/Sub ack → delete committed) is read alongside.
-    async fn latency(&mut self, rate: u64, build: Build) -> anyhow::Result<()> {
+    async fn latency(&mut self, rate: u64, build: Build, rounds: usize) -> anyhow::Result<()> {
         let v = Variant {
             payload: self.args.payload[0],
             keys: 0,
@@ -907,7 +907,7 @@ impl Bench {
         // Give the streaming pull a moment to open.
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let rounds = self.args.rounds.max(1);
+        let rounds = rounds.max(1);
         let window = self.args.latency_round;
         let warmup = Duration::from_secs(1);
         let total = warmup + window * rounds as u32;
@@ -1698,10 +1698,22 @@ async fn main() -> anyhow::Result<()> {
                 "== latency at {rate} msg/s ({rounds} rounds of {:?})",
                 bench.args.latency_round
             );
-            bench.latency(rate, Build::Current).await?;
-            if bench.baseline.is_some() {
-                eprintln!("   [baseline] at {rate} msg/s");
-                bench.latency(rate, Build::Baseline).await?;
+            if bench.baseline.is_none() {
+                bench.latency(rate, Build::Current, rounds).await?;
+                continue;
+            }
+            // Two builds: A B B A, each with half the windows. The run that
+            // comes first after a change of load measured about 6 ms slower
+            // at p50 in an A/A trial, so neither build may always go first.
+            let half = rounds.div_ceil(2);
+            for build in [
+                Build::Current,
+                Build::Baseline,
+                Build::Baseline,
+                Build::Current,
+            ] {
+                eprintln!("   {build:?} at {rate} msg/s ({half} windows)");
+                bench.latency(rate, build, half).await?;
             }
         }
     }
