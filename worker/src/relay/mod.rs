@@ -429,7 +429,15 @@ impl Relay {
                     // Bound memory: once about `batch_bytes` of large payloads
                     // are out, wait for Pub/Sub before reading more.
                     if large_pending >= self.config.batch_bytes {
-                        batch.settle().await;
+                        let deadline = self.config.publish_timeout + Duration::from_secs(5);
+                        if tokio::time::timeout(deadline, batch.settle()).await.is_err() {
+                            // Pub/Sub hangs: publish no more of this claim.
+                            // The rest stays pending, and the rows in flight
+                            // count as failed, so the relay drains and retries.
+                            batch.abandon_pending("no answer from Pub/Sub in time");
+                            warn!("Pub/Sub did not answer for large payloads; retrying the claim later");
+                            break;
+                        }
                         large_pending = 0;
                     }
                     let payload = self.store.fetch_payload(&mut batch.tx, row.id).await?;

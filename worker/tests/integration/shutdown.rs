@@ -36,3 +36,73 @@ async fn sigterm_mid_stream_exits_zero_and_loses_nothing() {
     println!("SIGTERM mid-stream: {duplicates} duplicates");
     drop(relay);
 }
+
+/// Large payloads are read and published one by one inside the claim, and the
+/// claim waits for Pub/Sub after every `--batch-bytes` of them. When Pub/Sub
+/// hangs there, the publish timeout ends the wait (the client's own, and the
+/// relay's deadline behind it), so SIGTERM still ends the relay; the rows stay
+/// for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_pubsub_hangs_on_large_payloads_exits_zero() {
+    use devkit::{Emulator, Postgres};
+    // Own emulator: this test freezes it.
+    let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start()).expect("infra");
+    let database_url = pg.create_database("hang").await.expect("database");
+    let env = TestEnv::on(
+        "large-hang".to_owned(),
+        Infra {
+            database_url,
+            emulator_host: emulator.host(),
+        },
+    )
+    .await;
+    // 1 MiB per claim of 10 rows: rows above 100 KiB are read one by one.
+    let args = [
+        "--batch-size",
+        "10",
+        "--batch-bytes",
+        "1048576",
+        "--publish-timeout",
+        "1s",
+    ];
+    let mut relay = env.spawn_relay(&args);
+    relay.wait_ready(WAIT).await.expect("relay ready");
+
+    emulator.pause().expect("SIGSTOP emulator");
+    let rows: Vec<NewRow> = (0..10)
+        .map(|i| NewRow {
+            payload: vec![b'a' + i as u8; 300 * 1024],
+            ..Default::default()
+        })
+        .collect();
+    let ids = insert(&env.pool, &rows).await;
+    devkit::wait_for("a claim of large rows", WAIT, || async {
+        let claims = relay.metric("outbox_batch_rows_count").await?;
+        (claims >= 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.log()));
+
+    let started = Instant::now();
+    let status = relay
+        .terminate(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.log()));
+    println!(
+        "SIGTERM to exit while Pub/Sub hangs: {:?}",
+        started.elapsed()
+    );
+    assert!(status.success(), "exit status {status:?}\n{}", relay.log());
+    assert_eq!(env.pending().await, 10, "every row stays for the next run");
+
+    emulator.resume().expect("SIGCONT emulator");
+    let relay = env.spawn_relay(&args);
+    let received = env
+        .collector
+        .wait_distinct(ids.len(), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.log()));
+    assert_all_arrived(&ids, &received);
+    env.wait_drained().await;
+    drop(relay);
+}
