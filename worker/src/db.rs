@@ -56,6 +56,48 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// A table a worker cannot use as it is, or a database that did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ShapeError {
+    #[error(
+        "table {table} is missing or has the wrong shape ({source}); run `outbox-worker migrate` or create it like the `{like}` table in migrations/"
+    )]
+    Shape {
+        table: String,
+        /// The migrated table to copy.
+        like: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Fails with a readable error when a table is missing or lacks one of the
+/// listed columns (`SELECT <columns> FROM <table> LIMIT 0`). `like` names the
+/// table in `migrations/` to create it from.
+pub async fn check_columns(
+    pool: &PgPool,
+    tables: &[(&crate::ident::TableName, &str)],
+    like: &'static str,
+) -> Result<(), ShapeError> {
+    for (table, columns) in tables {
+        let sql = format!("SELECT {columns} FROM {} LIMIT 0", table.quoted());
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .map_err(|source| match source {
+                sqlx::Error::Database(_) => ShapeError::Shape {
+                    table: table.to_string(),
+                    like,
+                    source,
+                },
+                other => ShapeError::Sql(other),
+            })?;
+    }
+    Ok(())
+}
+
 /// Waits until `check` (a table-shape check) passes, reporting the failure
 /// on readiness and in the log (every tenth attempt). A missing table is a
 /// configuration error, retried in case a migration is running; connection

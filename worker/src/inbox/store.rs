@@ -26,19 +26,7 @@ pub struct InboxStore {
 }
 
 /// Errors that name the table involved.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(
-        "table {table} is missing or has the wrong shape ({source}); run `outbox-worker migrate` or create it like the `inbox` table in migrations/"
-    )]
-    Shape {
-        table: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error(transparent)]
-    Sql(#[from] sqlx::Error),
-}
+pub use crate::db::ShapeError as StoreError;
 
 impl InboxStore {
     /// Builds the statements; the dead-letter table is `<table>_dead_letter`.
@@ -88,20 +76,8 @@ impl InboxStore {
                      ordering_key, published_at, received_at, processed_at";
         let dead = "id, message_id, pubsub_message_id, subscription, payload, attributes, \
                     ordering_key, published_at, received_at, error";
-        for (table, columns) in [(&self.table, inbox), (&self.dead_letter, dead)] {
-            let sql = format!("SELECT {columns} FROM {} LIMIT 0", table.quoted());
-            sqlx::query(AssertSqlSafe(sql))
-                .execute(pool)
-                .await
-                .map_err(|source| match source {
-                    sqlx::Error::Database(_) => StoreError::Shape {
-                        table: table.to_string(),
-                        source,
-                    },
-                    other => StoreError::Sql(other),
-                })?;
-        }
-        Ok(())
+        let tables = [(&self.table, inbox), (&self.dead_letter, dead)];
+        crate::db::check_columns(pool, &tables, "inbox").await
     }
 
     /// Inserts `rows` in order, skipping those already stored; returns how

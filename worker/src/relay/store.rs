@@ -29,19 +29,7 @@ pub struct OutboxStore {
 }
 
 /// Errors that name the table involved.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(
-        "table {table} is missing or has the wrong shape ({source}); run `outbox-worker migrate` or create it like the `outbox` table in migrations/"
-    )]
-    Shape {
-        table: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error(transparent)]
-    Sql(#[from] sqlx::Error),
-}
+pub use crate::db::ShapeError as StoreError;
 
 impl OutboxStore {
     /// Builds the statements; the dead-letter table is `<table>_dead_letter`.
@@ -82,20 +70,8 @@ impl OutboxStore {
     /// column the relay needs.
     pub async fn check_shape(&self, pool: &PgPool) -> Result<(), StoreError> {
         let columns = "id, message_id, payload, ordering_key, attributes, topic, created_at";
-        for table in [&self.table, &self.dead_letter] {
-            let sql = format!("SELECT {columns} FROM {} LIMIT 0", table.quoted());
-            sqlx::query(AssertSqlSafe(sql))
-                .execute(pool)
-                .await
-                .map_err(|source| match source {
-                    sqlx::Error::Database(_) => StoreError::Shape {
-                        table: table.to_string(),
-                        source,
-                    },
-                    other => StoreError::Sql(other),
-                })?;
-        }
-        Ok(())
+        let tables = [(&self.table, columns), (&self.dead_letter, columns)];
+        crate::db::check_columns(pool, &tables, "outbox").await
     }
 
     /// Locks and reads up to `limit` pending rows, oldest first. Payloads

@@ -134,6 +134,18 @@ impl TestEnv {
         }
     }
 
+    /// A test environment on its own PostgreSQL and emulator, for tests that
+    /// stop, freeze or restart them (the shared ones serve other tests).
+    pub async fn isolated(name: &str) -> (TestEnv, Postgres, Emulator) {
+        let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start()).expect("infra");
+        let database_url = pg.create_database(name).await.expect("database");
+        let infra = Infra {
+            database_url,
+            emulator_host: emulator.host(),
+        };
+        (TestEnv::on(name.to_owned(), infra).await, pg, emulator)
+    }
+
     /// Starts the real relay binary against this environment.
     pub fn spawn_relay(&self, extra: &[&str]) -> WorkerProcess {
         self.spawn_relay_with(extra, &[])

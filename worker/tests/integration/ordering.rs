@@ -30,18 +30,8 @@ async fn per_key_order_holds_for_50_keys_by_200_messages() {
 /// key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_is_published_before_the_next_message_of_its_key() {
-    use devkit::{Emulator, Postgres};
     // Own emulator: this test freezes it.
-    let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start()).expect("infra");
-    let database_url = pg.create_database("late").await.expect("database");
-    let env = TestEnv::on(
-        "late-order".to_owned(),
-        Infra {
-            database_url,
-            emulator_host: emulator.host(),
-        },
-    )
-    .await;
+    let (env, _pg, emulator) = TestEnv::isolated("late_order").await;
     let relay = env.spawn_relay(&["--batch-size", "10", "--pipeline-depth", "2"]);
     relay.wait_ready(WAIT).await.expect("relay ready");
 

@@ -2,7 +2,7 @@
 //! relay recovers by itself (same process) and nothing is lost.
 
 use crate::harness::*;
-use devkit::{Emulator, Postgres, wait_for};
+use devkit::wait_for;
 use std::time::Duration;
 
 async fn wait_not_ready(relay: &devkit::WorkerProcess, component: &str) {
@@ -23,17 +23,7 @@ async fn wait_not_ready(relay: &devkit::WorkerProcess, component: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_restart_and_emulator_outage_lose_nothing() {
-    let (mut pg, mut emulator) =
-        tokio::try_join!(Postgres::start(), Emulator::start()).expect("infra");
-    let database_url = pg.create_database("outage").await.expect("database");
-    let env = TestEnv::on(
-        "outage".to_owned(),
-        Infra {
-            database_url,
-            emulator_host: emulator.host(),
-        },
-    )
-    .await;
+    let (env, mut pg, mut emulator) = TestEnv::isolated("outage").await;
     let relay = env.spawn_relay(&["--batch-size", "100"]);
     let pid = relay.pid();
     let mut ids = Vec::new();

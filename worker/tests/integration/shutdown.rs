@@ -44,18 +44,8 @@ async fn sigterm_mid_stream_exits_zero_and_loses_nothing() {
 /// for the next run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_pubsub_hangs_on_large_payloads_exits_zero() {
-    use devkit::{Emulator, Postgres};
     // Own emulator: this test freezes it.
-    let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start()).expect("infra");
-    let database_url = pg.create_database("hang").await.expect("database");
-    let env = TestEnv::on(
-        "large-hang".to_owned(),
-        Infra {
-            database_url,
-            emulator_host: emulator.host(),
-        },
-    )
-    .await;
+    let (env, _pg, emulator) = TestEnv::isolated("large_hang").await;
     // 1 MiB per claim of 10 rows: rows above 100 KiB are read one by one.
     let args = [
         "--batch-size",
