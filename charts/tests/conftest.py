@@ -2,10 +2,9 @@
 code behind a C ABI, no helm binary), the operator binary, and the repository paths."""
 
 import logging
-import os
 import pathlib
 import re
-import subprocess
+import sys
 
 import helm_python as helm
 import pytest
@@ -23,6 +22,9 @@ NAMESPACE = "outbox-system"
 # (the newest schemas kubernetes-validate ships) Kubernetes versions README.md claims.
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 
+sys.path.insert(0, str(REPO_DIR / "scripts"))
+from operator_cli import operator_command, run_operator  # noqa: E402,F401  (used by the tests)
+
 # The Go side logs an INFO line per symlink it follows (crds/ is a symlink): keep warnings only.
 helm.enable_logging(logging.WARNING)
 
@@ -32,27 +34,6 @@ def cargo_version():
     match = re.search(r'^\[workspace\.package\][^\[]*?^version\s*=\s*"([^"]+)"', text, re.M | re.S)
     assert match, "no [workspace.package] version in Cargo.toml"
     return match.group(1)
-
-
-def operator_command():
-    binary = os.environ.get("OUTBOX_OPERATOR_BIN")
-    if binary:
-        return [binary]
-    return ["cargo", "run", "-q", "-p", "operator", "--"]
-
-
-def run_operator(*args, check=True, stdin=None):
-    result = subprocess.run(
-        operator_command() + list(args),
-        cwd=REPO_DIR,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"outbox-operator {' '.join(args)} failed:\n{result.stderr}")
-    return result
 
 
 def load_docs(text):

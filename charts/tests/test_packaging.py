@@ -122,7 +122,7 @@ def test_makefile_targets_and_image_tags():
     assert "charts/tests/run.sh" in makefile.split("\ntest-python:", 1)[1].split("\n\n", 1)[0]
 
 
-SCRIPTS = ["scripts/e2e.sh", "scripts/kind-up.sh", "charts/tests/run.sh"]
+SCRIPTS = ["scripts/e2e.sh", "scripts/kind-up.sh", "scripts/pytest.sh", "charts/tests/run.sh", "operator/tests/python/run.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

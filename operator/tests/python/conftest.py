@@ -1,8 +1,7 @@
 """Shared fixtures: how to call `outbox-operator` and where the samples are."""
 
-import os
 import pathlib
-import subprocess
+import sys
 
 import pytest
 import yaml
@@ -14,25 +13,8 @@ VALID_EXAMPLES = ["minimal.yaml", "full.yaml", "dev.yaml"]
 # Oldest (k8s-openapi feature v1_33) and newest schemas this suite claims.
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 
-
-def operator_command():
-    binary = os.environ.get("OUTBOX_OPERATOR_BIN")
-    if binary:
-        return [binary]
-    return ["cargo", "run", "-q", "-p", "operator", "--"]
-
-
-def run_operator(*args, check=True):
-    result = subprocess.run(
-        operator_command() + list(args),
-        cwd=REPO_DIR,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"outbox-operator {' '.join(args)} failed:\n{result.stderr}")
-    return result
+sys.path.insert(0, str(REPO_DIR / "scripts"))
+from operator_cli import run_operator  # noqa: E402,F401  (used by the tests)
 
 
 def invalid_examples(cel):
