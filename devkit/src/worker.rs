@@ -135,9 +135,14 @@ impl WorkerProcess {
 /// The upper bound of the histogram bucket holding quantile `q` (0..1) of
 /// histogram `name` in Prometheus text; `None` without observations.
 pub fn histogram_quantile(body: &str, name: &str, q: f64) -> Option<f64> {
+    bucket_quantile(&histogram_buckets(body, name), q)
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name` in Prometheus
+/// text, in order (empty when the histogram is not there).
+pub fn histogram_buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{le=\"");
-    let buckets: Vec<(f64, f64)> = body
-        .lines()
+    body.lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
@@ -148,7 +153,12 @@ pub fn histogram_quantile(body: &str, name: &str, q: f64) -> Option<f64> {
             };
             Some((le, count.trim().parse().ok()?))
         })
-        .collect();
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q` (0..1) of cumulative
+/// buckets; `None` without observations.
+pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
     if total <= 0.0 {
         return None;

@@ -13,6 +13,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use devkit::worker::bucket_quantile;
 use google_cloud_pubsub::model::Message;
 use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -1259,20 +1260,8 @@ fn base64_prefix(s: &str) -> Vec<u8> {
 /// Cumulative buckets (le seconds, count) of a Prometheus histogram.
 async fn histogram(worker: &WorkerProcess, name: &str) -> Option<Vec<(f64, f64)>> {
     let (_, body) = worker.get("/metrics").await?;
-    let prefix = format!("{name}_bucket{{le=\"");
-    let mut out = Vec::new();
-    for line in body.lines().filter(|l| l.starts_with(&prefix)) {
-        let rest = &line[prefix.len()..];
-        let (le, tail) = rest.split_once('"')?;
-        let le = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().ok()?
-        };
-        let count: f64 = tail.rsplit(' ').next()?.parse().ok()?;
-        out.push((le, count));
-    }
-    (!out.is_empty()).then_some(out)
+    let buckets = devkit::worker::histogram_buckets(&body, name);
+    (!buckets.is_empty()).then_some(buckets)
 }
 
 fn diff(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<(f64, f64)> {
@@ -1282,18 +1271,6 @@ fn diff(a: &[(f64, f64)], b: &[(f64, f64)]) -> Vec<(f64, f64)> {
             (*le, c - before)
         })
         .collect()
-}
-
-/// The upper bound of the bucket holding quantile `q`.
-fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    buckets
-        .iter()
-        .find(|(_, c)| *c >= q * total)
-        .map(|(le, _)| *le)
 }
 
 fn fmt_int(x: f64) -> String {
