@@ -94,10 +94,14 @@ pub fn describe(error: &PublishError, topic: Option<&TopicName>) -> String {
     }
 }
 
+/// (topic, ordering key) pairs the publisher may hold paused after a failure,
+/// to resume before their rows are claimed again.
+pub type PausedKeys = BTreeSet<(TopicName, String)>;
+
 impl Batch {
-    /// The (topic, ordering key) pairs of this batch: the keys the client may
-    /// have paused, to resume when the batch is given up.
-    pub fn keys(&self) -> BTreeSet<(TopicName, String)> {
+    /// The ordering keys of this batch: the keys the client may have paused,
+    /// to resume when the batch is given up.
+    pub fn keys(&self) -> PausedKeys {
         self.entries
             .iter()
             .filter(|e| !e.ordering_key.is_empty())
@@ -182,5 +186,5 @@ pub struct Outcome {
     /// Why the first of those failed, for the log.
     pub first_retry_reason: Option<String>,
     /// Ordering keys the publisher paused after a failure.
-    pub paused_keys: BTreeSet<(TopicName, String)>,
+    pub paused_keys: PausedKeys,
 }

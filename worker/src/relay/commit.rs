@@ -7,14 +7,13 @@
 //! result goes back to the claiming loop, which alone decides what happens
 //! after a failure (see `Relay::run`).
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::batch::{Batch, Outcome, State};
+use super::batch::{Batch, Outcome, PausedKeys, State};
 use super::store::OutboxStore;
 use crate::health::{Component, Health};
 use crate::ident::TopicName;
@@ -28,10 +27,6 @@ pub struct Finished {
     /// every row of the batch stays in the outbox.
     pub committed: Result<(), sqlx::Error>,
 }
-
-/// Ordering keys the client may still hold paused, handed back when the
-/// committer gives up its batches because leadership was lost.
-pub type PausedKeys = BTreeSet<(TopicName, String)>;
 
 /// Finishes claimed batches; owns clones of what it needs, so it can run as
 /// its own task.

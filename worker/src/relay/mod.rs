@@ -34,7 +34,6 @@ mod wakeup;
 
 pub use wakeup::CHANNEL as NOTIFY_CHANNEL;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -48,8 +47,8 @@ use crate::health::{Component, Health};
 use crate::ident::TopicName;
 use crate::metrics::RelayMetrics;
 use crate::pubsub::Publishers;
-use batch::{Batch, Entry, State};
-use commit::{Committer, Finished, PausedKeys};
+use batch::{Batch, Entry, PausedKeys, State};
+use commit::{Committer, Finished};
 use message::prepare;
 use store::OutboxStore;
 use wakeup::Wakeup;
@@ -494,7 +493,7 @@ impl Relay {
         self.claim_limit = fits.min(i64::from(self.config.batch_size.max(1)));
     }
 
-    fn resume(&mut self, keys: &BTreeSet<(TopicName, String)>) {
+    fn resume(&mut self, keys: &PausedKeys) {
         for (topic, key) in keys {
             self.publishers.get(topic).resume_publish(key.clone());
         }
