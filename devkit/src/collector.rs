@@ -10,7 +10,7 @@ use outbox_worker::pubsub::Endpoint;
 /// One received message.
 #[derive(Clone, Debug)]
 pub struct Received {
-    /// Message data.
+    /// Message data (empty for a collector that keeps no data).
     pub data: Vec<u8>,
     /// Attributes, including `message-id`.
     pub attributes: HashMap<String, String>,
@@ -18,6 +18,11 @@ pub struct Received {
     pub ordering_key: String,
     /// The `message-id` attribute.
     pub message_id: String,
+    /// Pub/Sub's id of this publication (a re-publication gets a new one; a
+    /// redelivery keeps it).
+    pub pubsub_id: String,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// Pulls a subscription in the background (restarting the stream after
@@ -39,6 +44,21 @@ impl Collector {
     /// several; arrival order across streams is not defined, so tests that
     /// check per-key order use one.
     pub fn with_streams(endpoint: Endpoint, subscription: String, streams: usize) -> Collector {
+        Self::build(endpoint, subscription, streams, true)
+    }
+
+    /// Like [`Collector::with_streams`], but keeps no message data (for long
+    /// runs with large payloads).
+    pub fn without_data(endpoint: Endpoint, subscription: String, streams: usize) -> Collector {
+        Self::build(endpoint, subscription, streams, false)
+    }
+
+    fn build(
+        endpoint: Endpoint,
+        subscription: String,
+        streams: usize,
+        keep_data: bool,
+    ) -> Collector {
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let streams: Vec<_> = (0..streams.max(1))
@@ -48,6 +68,7 @@ impl Collector {
                     subscription.clone(),
                     received.clone(),
                     stop.clone(),
+                    keep_data,
                 ))
             })
             .collect();
@@ -66,6 +87,15 @@ impl Collector {
     /// How many messages arrived so far (duplicates included).
     pub fn count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// How many distinct `message-id`s arrived so far.
+    pub fn distinct(&self) -> usize {
+        let all = self.lock();
+        all.iter()
+            .map(|m| m.message_id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     /// A copy of what arrived so far, in arrival order.
@@ -122,6 +152,7 @@ async fn pull(
     subscription: String,
     received: Arc<Mutex<Vec<Received>>>,
     stop: CancellationToken,
+    keep_data: bool,
 ) {
     while !stop.is_cancelled() {
         let client = match outbox_worker::pubsub::subscriber(&endpoint).await {
@@ -146,17 +177,23 @@ async fn pull(
                 Some(Ok((message, handler))) => {
                     let message_id = message
                         .attributes
-                        .get(outbox_worker::relay::message::MESSAGE_ID_ATTRIBUTE)
+                        .get(outbox_worker::pubsub::MESSAGE_ID_ATTRIBUTE)
                         .cloned()
                         .unwrap_or_default();
                     received
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(Received {
-                            data: message.data.to_vec(),
+                            data: if keep_data {
+                                message.data.to_vec()
+                            } else {
+                                Vec::new()
+                            },
                             attributes: message.attributes.clone(),
                             ordering_key: message.ordering_key.clone(),
                             message_id,
+                            pubsub_id: message.message_id.clone(),
+                            at: std::time::Instant::now(),
                         });
                     handler.ack();
                 }

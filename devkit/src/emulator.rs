@@ -14,6 +14,8 @@ pub struct Emulator {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
+    /// Extra command-line flags, kept across restarts.
+    flags: Vec<String>,
     child: Option<Child>,
 }
 
@@ -38,12 +40,28 @@ pub fn find_bin() -> anyhow::Result<PathBuf> {
 impl Emulator {
     /// Starts the emulator on a free port; returns once it answers HTTP.
     pub async fn start() -> anyhow::Result<Emulator> {
+        Self::start_with_flags(Vec::new()).await
+    }
+
+    /// Starts the emulator with its IAM integration on, asking `iam` (see
+    /// [`crate::IamStandIn`]) whether each call is permitted.
+    pub async fn start_with_iam(iam: &crate::IamStandIn) -> anyhow::Result<Emulator> {
+        Self::start_with_flags(vec![
+            "--enable_iam_integration=true".to_owned(),
+            "--iam_host=127.0.0.1".to_owned(),
+            format!("--iam_port={}", iam.port()),
+        ])
+        .await
+    }
+
+    async fn start_with_flags(flags: Vec<String>) -> anyhow::Result<Emulator> {
         let mut emulator = Emulator {
             dir: tempfile::Builder::new()
                 .prefix("outbox-pubsub-")
                 .tempdir()?,
             bin: find_bin()?,
             port: crate::free_port()?,
+            flags,
             child: None,
         };
         emulator.start_process().await?;
@@ -55,6 +73,7 @@ impl Emulator {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--host=127.0.0.1")
             .arg(format!("--port={}", self.port))
+            .args(&self.flags)
             .env(
                 "JAVA_TOOL_OPTIONS",
                 "-Xss1m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",

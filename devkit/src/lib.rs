@@ -7,14 +7,17 @@
 
 pub mod collector;
 pub mod emulator;
+pub mod iam;
 pub mod postgres;
 mod process;
 pub mod proxy;
 pub mod pull;
+pub mod soak;
 pub mod worker;
 
 pub use collector::{Collector, Received};
 pub use emulator::Emulator;
+pub use iam::IamStandIn;
 pub use postgres::Postgres;
 pub use proxy::Proxy;
 pub use worker::WorkerProcess;

@@ -16,10 +16,12 @@ pub async fn publish_raw(
     messages: Vec<Message>,
 ) -> anyhow::Result<Vec<String>> {
     let base = outbox_worker::pubsub::base_publisher(endpoint, Duration::from_secs(30)).await?;
-    let mut publishers = Publishers::new(base, Batching::default());
+    let mut publishers = Publishers::new(base, Batching::default(), Duration::from_secs(60));
     let topic: outbox_worker::ident::TopicName = topic.parse()?;
-    let publisher = publishers.get(&topic);
-    let pending: Vec<_> = messages.into_iter().map(|m| publisher.publish(m)).collect();
+    let pending: Vec<_> = messages
+        .into_iter()
+        .map(|m| publishers.publish(&topic, m))
+        .collect();
     let mut ids = Vec::with_capacity(pending.len());
     for p in pending {
         ids.push(p.await.context("publishing")?);

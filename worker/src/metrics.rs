@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Whether a failure will be retried (`transient`) or the message was moved to
 /// the dead-letter table (`permanent`).
@@ -27,14 +28,23 @@ pub struct RelayMetrics {
     pub publish_errors: Family<ErrorLabels, Counter>,
     /// Rows moved to the dead-letter table.
     pub dead_lettered: Counter,
-    /// Pending rows in the outbox (sampled).
+    /// Pending rows in the outbox (sampled; exact up to 100,000).
     pub backlog: Gauge,
+    /// Seconds since the oldest pending row was written (sampled): the lag.
+    pub oldest_pending_age: Gauge<f64, AtomicU64>,
     /// Seconds from the row's insert to Pub/Sub's acknowledgement.
     pub latency: Histogram,
     /// Rows per claimed batch.
     pub batch_size: Histogram,
     /// Claims and completions that failed on the database side.
     pub db_errors: Counter,
+    /// Of those, waits for a pooled connection that timed out.
+    pub pool_timeouts: Counter,
+    /// Rows dead-lettered because their routed topic refused them
+    /// `--max-publish-attempts` times.
+    pub attempts_exhausted: Counter,
+    /// Topic publishers held (idle ones are let go).
+    pub publishers: Gauge,
     /// 1 while this replica holds leadership (always 1 without leader election).
     pub is_leader: Gauge,
     /// Times this replica gained or lost leadership.
@@ -49,11 +59,15 @@ impl RelayMetrics {
             publish_errors: Family::default(),
             dead_lettered: Counter::default(),
             backlog: Gauge::default(),
+            oldest_pending_age: Gauge::default(),
             // 1 ms .. ~56 s in steps of 25 %, so that p99 can be read to
             // within a quarter, not a factor of two.
             latency: Histogram::new(exponential_buckets(0.001, 1.25, 50)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             db_errors: Counter::default(),
+            pool_timeouts: Counter::default(),
+            attempts_exhausted: Counter::default(),
+            publishers: Gauge::default(),
             is_leader: Gauge::default(),
             leader_transitions: Counter::default(),
         };
@@ -75,8 +89,13 @@ impl RelayMetrics {
         );
         r.register(
             "backlog",
-            "Pending rows in the outbox table (sampled)",
+            "Pending rows in the outbox table (sampled; exact up to 100000, estimated beyond)",
             metrics.backlog.clone(),
+        );
+        r.register(
+            "oldest_pending_age_seconds",
+            "Seconds since the oldest pending row was written (sampled; 0 when none is pending)",
+            metrics.oldest_pending_age.clone(),
         );
         r.register(
             "publish_latency_seconds",
@@ -92,6 +111,21 @@ impl RelayMetrics {
             "database_errors",
             "Database operations of the relay loop that failed",
             metrics.db_errors.clone(),
+        );
+        r.register(
+            "database_pool_timeouts",
+            "Waits for a pooled database connection that timed out (pool exhausted)",
+            metrics.pool_timeouts.clone(),
+        );
+        r.register(
+            "publish_attempts_exhausted",
+            "Rows dead-lettered after their routed topic refused them --max-publish-attempts times",
+            metrics.attempts_exhausted.clone(),
+        );
+        r.register(
+            "topic_publishers",
+            "Topic publishers held by the relay (idle ones are let go)",
+            metrics.publishers.clone(),
         );
         r.register(
             "is_leader",
@@ -126,14 +160,18 @@ pub struct InboxMetrics {
     pub duplicates: Counter,
     /// Messages recorded in the dead-letter table instead.
     pub dead_lettered: Counter,
-    /// Unprocessed rows in the inbox table (sampled).
+    /// Unprocessed rows in the inbox table (sampled; exact up to 100,000).
     pub backlog: Gauge,
+    /// Seconds since the oldest unprocessed row was stored (sampled).
+    pub oldest_unprocessed_age: Gauge<f64, AtomicU64>,
     /// Seconds from Pub/Sub's publish time to the inbox commit.
     pub latency: Histogram,
     /// Messages per stored batch (one transaction each).
     pub batch_size: Histogram,
     /// Batches whose transaction failed (retried).
     pub db_errors: Counter,
+    /// Of those, waits for a pooled connection that timed out.
+    pub pool_timeouts: Counter,
     /// Streaming-pull errors (the stream is reopened).
     pub stream_errors: Counter,
 }
@@ -147,9 +185,11 @@ impl InboxMetrics {
             duplicates: Counter::default(),
             dead_lettered: Counter::default(),
             backlog: Gauge::default(),
+            oldest_unprocessed_age: Gauge::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             db_errors: Counter::default(),
+            pool_timeouts: Counter::default(),
             stream_errors: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("inbox");
@@ -175,8 +215,13 @@ impl InboxMetrics {
         );
         r.register(
             "backlog",
-            "Unprocessed rows in the inbox table (sampled)",
+            "Unprocessed rows in the inbox table (sampled; exact up to 100000)",
             metrics.backlog.clone(),
+        );
+        r.register(
+            "oldest_unprocessed_age_seconds",
+            "Seconds since the oldest unprocessed row was stored (sampled; 0 when none)",
+            metrics.oldest_unprocessed_age.clone(),
         );
         r.register(
             "store_latency_seconds",
@@ -192,6 +237,11 @@ impl InboxMetrics {
             "database_errors",
             "Inbox transactions that failed and were retried",
             metrics.db_errors.clone(),
+        );
+        r.register(
+            "database_pool_timeouts",
+            "Waits for a pooled database connection that timed out (pool exhausted)",
+            metrics.pool_timeouts.clone(),
         );
         r.register(
             "stream_errors",
@@ -230,6 +280,10 @@ mod tests {
             "outbox_publish_latency_seconds_bucket",
             "outbox_is_leader 0",
             "outbox_leader_transitions_total 0",
+            "outbox_oldest_pending_age_seconds 0.0",
+            "outbox_database_pool_timeouts_total 0",
+            "outbox_publish_attempts_exhausted_total 0",
+            "outbox_topic_publishers 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
@@ -247,6 +301,8 @@ mod tests {
             "inbox_messages_received_total 0",
             "inbox_dead_letter_total 0",
             "inbox_backlog 0",
+            "inbox_oldest_unprocessed_age_seconds 0.0",
+            "inbox_database_pool_timeouts_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -1,14 +1,107 @@
-//! Connecting to Pub/Sub: the real service with Application Default
-//! Credentials, or the emulator when `PUBSUB_EMULATOR_HOST` is set.
+//! Everything about Pub/Sub in one place: connecting (the real service with
+//! Application Default Credentials, or the emulator when
+//! `PUBSUB_EMULATOR_HOST` is set), the publishers per topic
+//! ([`publishers`]), the `message-id` attribute subscribers deduplicate on,
+//! what a failed publish means for the row ([`classify`]), and the
+//! readiness check of a topic or subscription.
+
+mod publishers;
+
+pub use publishers::{Batching, Publishers};
 
 use google_cloud_auth::credentials::anonymous;
+use google_cloud_gax::error::rpc::Code;
 use google_cloud_gax::retry_policy::RetryPolicyExt;
-use google_cloud_pubsub::client::{BasePublisher, Publisher};
+use google_cloud_pubsub::client::BasePublisher;
+use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::retry_policy::RetryableErrors;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::ident::{SubscriptionName, TopicName};
+
+/// The attribute that carries an outbox row's stable id (its `message_id`
+/// column, or the application's own non-empty value). It survives
+/// re-publication, unlike Pub/Sub's messageId, so subscribers (the inbox
+/// worker among them) deduplicate on it.
+pub const MESSAGE_ID_ATTRIBUTE: &str = "message-id";
+
+/// What a failed publish means for the row. Decided by [`classify`] and
+/// nowhere else; the relay acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pub/Sub rejected the message itself (`INVALID_ARGUMENT` for a message
+    /// that was published alone, e.g. a payload the topic's schema refuses):
+    /// it never will be accepted. Dead-letter it.
+    Invalid,
+    /// `INVALID_ARGUMENT` for a request that held other messages too: any of
+    /// them may be the cause. Publish it alone to find out.
+    Suspect,
+    /// A routed topic refuses it (`PERMISSION_DENIED`, `NOT_FOUND`,
+    /// `FAILED_PRECONDITION`, ...): perhaps only for now (a topic or a grant
+    /// not yet in place). Retry a bounded number of times, then dead-letter.
+    Refused,
+    /// The relay's own topic refuses it (missing, or not permitted): the
+    /// relay is misconfigured, not the row. Report not ready and retry.
+    OwnTopicRefused,
+    /// No answer in time (`DEADLINE_EXCEEDED`, or the client's time limit):
+    /// retry with less in flight.
+    Timeout,
+    /// Not this message's fault: the ordering key was paused after an
+    /// earlier message of the key failed, or the publisher shut down. Retry
+    /// as soon as the cause is dealt with.
+    Paused,
+    /// Pub/Sub unreachable or failing (`UNAVAILABLE`, `INTERNAL`,
+    /// `RESOURCE_EXHAUSTED`, a broken connection, ...): retry after a backoff.
+    Outage,
+}
+
+/// Classifies a failed publish of a message sent to the relay's own topic
+/// (`own_topic`) or a routed one, in a request of its own (`alone`) or
+/// together with others.
+pub fn classify(error: &PublishError, own_topic: bool, alone: bool) -> Verdict {
+    let PublishError::Rpc(e) = error else {
+        // OrderingKeyPaused, Shutdown (and future variants): a consequence.
+        return Verdict::Paused;
+    };
+    if e.is_timeout() {
+        return Verdict::Timeout;
+    }
+    let refused = |own_topic: bool| {
+        if own_topic {
+            Verdict::OwnTopicRefused
+        } else {
+            Verdict::Refused
+        }
+    };
+    match e.status().map(|s| s.code) {
+        Some(Code::InvalidArgument) if alone => Verdict::Invalid,
+        Some(Code::InvalidArgument) => Verdict::Suspect,
+        Some(Code::DeadlineExceeded) => Verdict::Timeout,
+        Some(
+            Code::NotFound
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented,
+        ) => refused(own_topic),
+        _ => Verdict::Outage,
+    }
+}
+
+/// A readable reason for logs and the dead-letter table: destination,
+/// status code and the service's message.
+pub fn describe(error: &PublishError, topic: &TopicName) -> String {
+    match error {
+        PublishError::Rpc(e) => match e.status() {
+            Some(status) => format!(
+                "Pub/Sub rejected the message for {topic}: {:?}: {}",
+                status.code, status.message
+            ),
+            None => format!("publishing to {topic} failed: {e}"),
+        },
+        other => format!("publishing to {topic} failed: {other}"),
+    }
+}
 
 /// The environment variable Google's clients read to find the emulator.
 pub const EMULATOR_HOST_ENV: &str = "PUBSUB_EMULATOR_HOST";
@@ -58,67 +151,6 @@ pub async fn base_publisher(
             .with_credentials(anonymous::Builder::new().build());
     }
     builder.build().await
-}
-
-/// Batching for the relay: we hand over whole claimed batches, so the client
-/// should send as soon as a request is full or the batch is handed over.
-#[derive(Clone, Copy, Debug)]
-pub struct Batching {
-    /// Messages per publish request (Pub/Sub allows 1000).
-    pub max_messages: u32,
-    /// Bytes per publish request (Pub/Sub allows 10 MB).
-    pub max_bytes: u32,
-    /// How long the client waits for more messages before sending.
-    pub max_delay: Duration,
-}
-
-impl Default for Batching {
-    fn default() -> Self {
-        Batching {
-            max_messages: 1000,
-            max_bytes: 9_000_000,
-            max_delay: Duration::from_millis(1),
-        }
-    }
-}
-
-/// One [`Publisher`] per destination topic, created on first use and sharing
-/// the underlying connection.
-pub struct Publishers {
-    base: BasePublisher,
-    batching: Batching,
-    by_topic: HashMap<TopicName, Publisher>,
-}
-
-impl Publishers {
-    /// A cache on top of one connection.
-    pub fn new(base: BasePublisher, batching: Batching) -> Self {
-        Publishers {
-            base,
-            batching,
-            by_topic: HashMap::new(),
-        }
-    }
-
-    /// The publisher for `topic`.
-    pub fn get(&mut self, topic: &TopicName) -> &Publisher {
-        let base = &self.base;
-        let batching = self.batching;
-        self.by_topic.entry(topic.clone()).or_insert_with(|| {
-            base.publisher(topic.to_string())
-                .set_message_count_threshold(batching.max_messages)
-                .set_byte_threshold(batching.max_bytes)
-                .set_delay_threshold(batching.max_delay)
-                .build()
-        })
-    }
-
-    /// Sends whatever the publishers still buffer (used at shutdown).
-    pub async fn flush_all(&self) {
-        for publisher in self.by_topic.values() {
-            publisher.flush().await;
-        }
-    }
 }
 
 /// The admin client for topics, pointed at the same endpoint.

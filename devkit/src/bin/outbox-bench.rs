@@ -527,7 +527,7 @@ impl Bench {
                 data.resize(v.payload.max(data.len()), b'x');
                 data.truncate(v.payload.max(1));
                 let m = Message::new().set_data(data).set_attributes([(
-                    outbox_worker::relay::message::MESSAGE_ID_ATTRIBUTE.to_owned(),
+                    outbox_worker::pubsub::MESSAGE_ID_ATTRIBUTE.to_owned(),
                     uuid::Uuid::new_v4().to_string(),
                 )]);
                 if v.keys > 0 {
@@ -554,7 +554,7 @@ impl Bench {
         let mut done = 0usize;
         loop {
             let mut tx = self.pool.begin().await?;
-            let rows = store.claim(&mut tx, batch, inline).await?;
+            let rows = store.claim(&mut tx, batch, inline, &[]).await?;
             if rows.is_empty() {
                 tx.rollback().await?;
                 break;
@@ -589,7 +589,7 @@ impl Bench {
         loop {
             while more && in_flight.len() < relay_depth() {
                 let mut tx = self.pool.begin().await?;
-                let rows = store.claim(&mut tx, batch, inline).await?;
+                let rows = store.claim(&mut tx, batch, inline, &[]).await?;
                 if rows.is_empty() {
                     tx.rollback().await?;
                     more = false;
@@ -629,12 +629,14 @@ impl Bench {
         let endpoint = self.emulator.endpoint();
         let base =
             outbox_worker::pubsub::base_publisher(&endpoint, Duration::from_secs(60)).await?;
-        let mut publishers = Publishers::new(base, Batching::default());
+        let mut publishers = Publishers::new(base, Batching::default(), Duration::from_secs(60));
         let topic_name: TopicName = topic.parse()?;
-        let publisher = publishers.get(&topic_name);
         let messages = Self::messages(n, v);
         let started = Instant::now();
-        let pending: Vec<_> = messages.into_iter().map(|m| publisher.publish(m)).collect();
+        let pending: Vec<_> = messages
+            .into_iter()
+            .map(|m| publishers.publish(&topic_name, m))
+            .collect();
         for p in pending {
             p.await.context("publishing")?;
         }
@@ -830,9 +832,8 @@ impl Bench {
         let endpoint = self.emulator.endpoint();
         let base =
             outbox_worker::pubsub::base_publisher(&endpoint, Duration::from_secs(60)).await?;
-        let mut publishers = Publishers::new(base, Batching::default());
+        let mut publishers = Publishers::new(base, Batching::default(), Duration::from_secs(60));
         let topic_name: TopicName = topic.parse()?;
-        let publisher = publishers.get(&topic_name);
         let started = Instant::now();
         let mut done = 0usize;
         loop {
@@ -851,8 +852,8 @@ impl Bench {
                 .set_data(payload)
                 .set_attributes([("message-id".to_owned(), message_id.to_string())])
                 .set_ordering_key(key.unwrap_or_default());
-            publisher
-                .publish(message)
+            publishers
+                .publish(&topic_name, message)
                 .await
                 .context("classic publish")?;
             sqlx::query("UPDATE outbox_classic SET sent_at = now() WHERE id = $1")
@@ -1055,12 +1056,12 @@ impl Bench {
         {
             let base =
                 outbox_worker::pubsub::base_publisher(&endpoint, Duration::from_secs(60)).await?;
-            let mut publishers = Publishers::new(base, Batching::default());
+            let mut publishers =
+                Publishers::new(base, Batching::default(), Duration::from_secs(60));
             let topic_name: TopicName = topic.parse()?;
-            let publisher = publishers.get(&topic_name);
             let pending: Vec<_> = Self::messages(m, v)
                 .into_iter()
-                .map(|m| publisher.publish(m))
+                .map(|m| publishers.publish(&topic_name, m))
                 .collect();
             for p in pending {
                 p.await.context("pre-publishing for the inbox")?;

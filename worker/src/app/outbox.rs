@@ -5,13 +5,16 @@ use sqlx::postgres::PgConnection;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
-use crate::ident::{NameError, TableName};
+use crate::ident::TableName;
+use crate::pubsub::MESSAGE_ID_ATTRIBUTE;
 
 /// Why a message could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error(transparent)]
-    Name(#[from] NameError),
+    /// The `message-id` attribute was set to an empty value, which would
+    /// stop subscribers from deduplicating (use [`OutboxMessage::message_id`]).
+    #[error("attribute {MESSAGE_ID_ATTRIBUTE:?} is empty; leave it out or set a non-empty id")]
+    EmptyMessageId,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }
@@ -95,6 +98,13 @@ impl OutboxMessage {
     /// (`&mut tx` or `&mut *tx`); returns the message id, which reaches
     /// subscribers as the `message-id` attribute.
     pub async fn write(&self, conn: &mut PgConnection) -> Result<Uuid, OutboxError> {
+        if self
+            .attributes
+            .get(MESSAGE_ID_ATTRIBUTE)
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(OutboxError::EmptyMessageId);
+        }
         let table = match &self.table {
             Some(t) => t.quoted(),
             None => "\"outbox\"".to_owned(),

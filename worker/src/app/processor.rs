@@ -7,14 +7,19 @@
 //!    key's *head*), then lock the rows that follow those heads in their
 //!    keys. Holding a key's head keeps every other processor off the key, so
 //!    a key's rows are processed one after the other in receive order, also
-//!    with several processors;
+//!    with several processors. The claim reads payload sizes, not payloads;
+//!    the batch keeps rows in id order up to `max_batch_bytes` of payloads
+//!    (at least one row), and only their payloads are read;
 //! 2. for each row in id order, in a savepoint: run the handler with the
-//!    transaction (after a failure, the key's later rows in the batch are
-//!    left for a later batch);
-//!    on success the row is marked processed, on failure the savepoint is
-//!    rolled back (the handler's effects are undone) and the failure is
-//!    recorded: attempts + 1, the error, and when to retry (exponential
-//!    backoff); after `max_attempts` the row is parked;
+//!    transaction, for at most `handler_timeout` (the server also cancels
+//!    any statement that runs longer); after a failure, the key's later rows
+//!    in the batch are left for a later batch.
+//!    On success the row is marked processed; on failure (an error, a
+//!    timeout, or `Ok` from a handler whose statement failed, which leaves
+//!    the transaction aborted) the savepoint is rolled back (the handler's
+//!    effects are undone) and the failure is recorded: attempts + 1, the
+//!    error, and when to retry (exponential backoff); after `max_attempts`
+//!    the row is parked;
 //! 3. commit: the effects and `processed_at` become visible together.
 //!
 //! A crash anywhere rolls the whole batch back; nothing was applied, and the
@@ -122,11 +127,17 @@ pub struct ProcessorConfig {
     pub retry_max: Duration,
     /// How often [`InboxProcessor::run`] looks for new rows when idle.
     pub poll_interval: Duration,
+    /// Payload bytes a batch holds at most (and at least one row).
+    pub max_batch_bytes: i64,
+    /// How long a handler may take for one message; then it is a failed
+    /// attempt. Also the server-side `statement_timeout` of the batch.
+    pub handler_timeout: Duration,
 }
 
 impl ProcessorConfig {
-    /// Defaults for `table`: 100 rows per batch, parked after 5 attempts,
-    /// retries after 1 s, 2 s, 4 s, ... up to 5 min.
+    /// Defaults for `table`: 100 rows and 8 MB of payloads per batch,
+    /// handlers may take 60 s, parked after 5 attempts, retries after 1 s,
+    /// 2 s, 4 s, ... up to 5 min.
     pub fn new(table: TableName) -> Self {
         ProcessorConfig {
             table,
@@ -136,6 +147,8 @@ impl ProcessorConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             poll_interval: Duration::from_millis(200),
+            max_batch_bytes: 8 * 1024 * 1024,
+            handler_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -161,6 +174,7 @@ pub struct InboxProcessor {
     config: ProcessorConfig,
     claim: String,
     followers: String,
+    payloads: String,
     done: String,
     fail: String,
 }
@@ -171,7 +185,7 @@ impl InboxProcessor {
         let t = config.table.quoted();
         InboxProcessor {
             claim: format!(
-                "SELECT id, message_id, payload, attributes, ordering_key, published_at, received_at, attempts \
+                "SELECT id, message_id, octet_length(payload) AS bytes, attributes, ordering_key, published_at, received_at, attempts \
                  FROM {t} i \
                  WHERE processed_at IS NULL AND parked_at IS NULL AND next_attempt_at <= clock_timestamp() \
                    AND (ordering_key IS NULL OR NOT EXISTS ( \
@@ -180,12 +194,13 @@ impl InboxProcessor {
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             ),
             followers: format!(
-                "SELECT id, message_id, payload, attributes, ordering_key, published_at, received_at, attempts, \
+                "SELECT id, message_id, octet_length(payload) AS bytes, attributes, ordering_key, published_at, received_at, attempts, \
                         (parked_at IS NULL AND next_attempt_at <= clock_timestamp()) AS due \
                  FROM {t} \
                  WHERE ordering_key = ANY($1) AND processed_at IS NULL AND NOT (id = ANY($2)) \
                  ORDER BY id LIMIT $3 FOR UPDATE"
             ),
+            payloads: format!("SELECT id, payload FROM {t} WHERE id = ANY($1)"),
             done: format!("UPDATE {t} SET processed_at = clock_timestamp() WHERE id = ANY($1)"),
             fail: format!(
                 "UPDATE {t} SET attempts = attempts + 1, last_error = $2, \
@@ -212,6 +227,14 @@ impl InboxProcessor {
     ) -> Result<BatchReport, sqlx::Error> {
         let limit = self.config.batch_size.max(1);
         let mut tx = self.pool.begin().await?;
+        // The server cancels any statement of the batch, the handler's too,
+        // that runs longer than a handler may.
+        let timeout_ms = self.config.handler_timeout.as_millis().max(1);
+        sqlx::query(AssertSqlSafe(format!(
+            "SET LOCAL statement_timeout = {timeout_ms}"
+        )))
+        .execute(&mut *tx)
+        .await?;
         let heads = sqlx::query(AssertSqlSafe(self.claim.as_str()))
             .bind(self.config.heads_per_batch.clamp(1, limit))
             .fetch_all(&mut *tx)
@@ -220,20 +243,20 @@ impl InboxProcessor {
             tx.rollback().await?;
             return Ok(BatchReport::default());
         }
-        let mut messages = heads
+        let mut claimed = heads
             .iter()
             .map(to_message)
             .collect::<Result<Vec<_>, _>>()?;
         // The rows after each claimed head, up to the first one that is not
         // due (backing off or parked): no one else can claim them while we
         // hold the head.
-        let keys: Vec<&str> = messages
+        let keys: Vec<&str> = claimed
             .iter()
-            .filter_map(|m| m.ordering_key.as_deref())
+            .filter_map(|(m, _)| m.ordering_key.as_deref())
             .collect();
-        let room = limit - messages.len() as i64;
+        let room = limit - claimed.len() as i64;
         if !keys.is_empty() && room > 0 {
-            let head_ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+            let head_ids: Vec<i64> = claimed.iter().map(|(m, _)| m.id).collect();
             let rows = sqlx::query(AssertSqlSafe(self.followers.as_str()))
                 .bind(&keys)
                 .bind(&head_ids)
@@ -243,8 +266,8 @@ impl InboxProcessor {
             let mut stopped: HashSet<String> = HashSet::new();
             let mut followers = Vec::new();
             for row in &rows {
-                let message = to_message(row)?;
-                let key = message.ordering_key.clone().unwrap_or_default();
+                let follower = to_message(row)?;
+                let key = follower.0.ordering_key.clone().unwrap_or_default();
                 if stopped.contains(&key) {
                     continue;
                 }
@@ -252,11 +275,12 @@ impl InboxProcessor {
                     stopped.insert(key);
                     continue;
                 }
-                followers.push(message);
+                followers.push(follower);
             }
-            messages.extend(followers);
-            messages.sort_by_key(|m| m.id);
+            claimed.extend(followers);
+            claimed.sort_by_key(|(m, _)| m.id);
         }
+        let messages = self.with_payloads(&mut tx, claimed).await?;
         let mut report = BatchReport {
             claimed: messages.len(),
             ..Default::default()
@@ -272,34 +296,27 @@ impl InboxProcessor {
                     // An earlier row of this key failed: keep the order.
                     continue;
                 }
-                let mut savepoint = tx.begin().await?;
-                let result = handler.handle(&mut savepoint, &message).await;
-                match result {
-                    Ok(()) => {
-                        savepoint.commit().await?;
-                        done.push(message.id);
-                    }
-                    Err(error) => {
-                        savepoint.rollback().await?;
-                        report.failed += 1;
-                        if let Some(key) = &message.ordering_key {
-                            failed_keys.insert(key.clone());
-                        }
-                        let parked: bool = sqlx::query_scalar(AssertSqlSafe(self.fail.as_str()))
-                            .bind(message.id)
-                            .bind(error.to_string())
-                            .bind(self.config.retry_min.as_secs_f64())
-                            .bind(self.config.retry_max.as_secs_f64())
-                            .bind(self.config.max_attempts)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                        if parked {
-                            report.parked += 1;
-                            warn!(id = message.id, message_id = %message.message_id, attempts = message.attempts + 1, %error, "handler failed; row parked");
-                        } else {
-                            debug!(id = message.id, message_id = %message.message_id, %error, "handler failed; will retry");
-                        }
-                    }
+                let Err(error) = self.handle_one(&mut tx, handler, &message).await? else {
+                    done.push(message.id);
+                    continue;
+                };
+                report.failed += 1;
+                if let Some(key) = &message.ordering_key {
+                    failed_keys.insert(key.clone());
+                }
+                let parked: bool = sqlx::query_scalar(AssertSqlSafe(self.fail.as_str()))
+                    .bind(message.id)
+                    .bind(&error)
+                    .bind(self.config.retry_min.as_secs_f64())
+                    .bind(self.config.retry_max.as_secs_f64())
+                    .bind(self.config.max_attempts)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if parked {
+                    report.parked += 1;
+                    warn!(id = message.id, message_id = %message.message_id, attempts = message.attempts + 1, %error, "handler failed; row parked");
+                } else {
+                    debug!(id = message.id, message_id = %message.message_id, %error, "handler failed; will retry");
                 }
             }
             sqlx::query(AssertSqlSafe(self.done.as_str()))
@@ -312,6 +329,69 @@ impl InboxProcessor {
         }
         .instrument(span)
         .await
+    }
+
+    /// Keeps the claimed rows, in id order, up to `max_batch_bytes` of
+    /// payloads (at least one row), and reads their payloads. Rows left out
+    /// stay locked until the batch ends and come in a later batch.
+    async fn with_payloads(
+        &self,
+        tx: &mut PgConnection,
+        claimed: Vec<(InboxMessage, i64)>,
+    ) -> Result<Vec<InboxMessage>, sqlx::Error> {
+        let mut total = 0i64;
+        let mut messages: Vec<InboxMessage> = Vec::with_capacity(claimed.len());
+        for (message, bytes) in claimed {
+            if !messages.is_empty() && total + bytes > self.config.max_batch_bytes {
+                break;
+            }
+            total += bytes;
+            messages.push(message);
+        }
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        let mut payloads: HashMap<i64, Vec<u8>> =
+            sqlx::query_as(AssertSqlSafe(self.payloads.as_str()))
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        for message in &mut messages {
+            message.payload = payloads.remove(&message.id).unwrap_or_default();
+        }
+        Ok(messages)
+    }
+
+    /// Runs the handler for one message in a savepoint. `Err(reason)`: the
+    /// handler failed, timed out, or returned `Ok` although a statement it
+    /// ran failed (the transaction is then aborted and cannot be kept); its
+    /// effects are rolled back.
+    async fn handle_one<H: Handler + ?Sized>(
+        &self,
+        tx: &mut PgConnection,
+        handler: &H,
+        message: &InboxMessage,
+    ) -> Result<Result<(), String>, sqlx::Error> {
+        let mut savepoint = tx.begin().await?;
+        let timeout = self.config.handler_timeout;
+        match tokio::time::timeout(timeout, handler.handle(&mut savepoint, message)).await {
+            Ok(Ok(())) => match savepoint.commit().await {
+                Ok(()) => Ok(Ok(())),
+                // The failed RELEASE dropped the savepoint, which rolls it back.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P02") => Ok(Err(
+                    "the handler returned Ok, but a statement it ran failed, which aborted its transaction; return that statement's error instead".to_owned(),
+                )),
+                Err(e) => Err(e),
+            },
+            Ok(Err(error)) => {
+                savepoint.rollback().await?;
+                Ok(Err(error.to_string()))
+            }
+            Err(_) => {
+                savepoint.rollback().await?;
+                Ok(Err(format!("the handler timed out after {timeout:?}")))
+            }
+        }
     }
 
     /// Processes batches until `stop` is cancelled: back to back while rows
@@ -343,7 +423,8 @@ impl InboxProcessor {
     }
 }
 
-fn to_message(row: &sqlx::postgres::PgRow) -> Result<InboxMessage, sqlx::Error> {
+/// A claimed row without its payload, and the payload's size.
+fn to_message(row: &sqlx::postgres::PgRow) -> Result<(InboxMessage, i64), sqlx::Error> {
     let attributes: Option<serde_json::Value> = row.try_get("attributes")?;
     let attributes = match attributes {
         Some(serde_json::Value::Object(map)) => map
@@ -355,14 +436,16 @@ fn to_message(row: &sqlx::postgres::PgRow) -> Result<InboxMessage, sqlx::Error> 
             .collect(),
         _ => HashMap::new(),
     };
-    Ok(InboxMessage {
+    let bytes: Option<i32> = row.try_get("bytes")?;
+    let message = InboxMessage {
         id: row.try_get("id")?,
         message_id: row.try_get("message_id")?,
-        payload: row.try_get("payload")?,
+        payload: Vec::new(),
         attributes,
         ordering_key: row.try_get("ordering_key")?,
         published_at: row.try_get("published_at")?,
         received_at: row.try_get("received_at")?,
         attempts: row.try_get("attempts")?,
-    })
+    };
+    Ok((message, i64::from(bytes.unwrap_or(0))))
 }

@@ -13,7 +13,7 @@ use outbox_worker::ident::{SubscriptionName, TableName};
 use outbox_worker::inbox::store::InboxStore;
 use outbox_worker::inbox::{FlowControl, Inbox, InboxConfig, source};
 use outbox_worker::metrics::InboxMetrics;
-use outbox_worker::probe::Probe;
+use outbox_worker::probe::{Probe, probe_pool};
 use outbox_worker::pubsub::{self, PubSubResource};
 use outbox_worker::{db, shutdown};
 
@@ -77,7 +77,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signal();
     let options = db::connect_options(&args.database.database_url)?;
     tracing::info!(database = %db::describe(&options), "connecting lazily");
-    let pool = db::lazy_pool(options, 4);
+    let pool = db::lazy_pool(options.clone(), 4);
     if args.migrate {
         db::migrate(&pool).await.context("applying migrations")?;
     }
@@ -106,9 +106,10 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
         &health,
         Arc::new(registry),
         Probe {
-            pool: pool.clone(),
-            backlog_query: store.backlog_query(),
+            pool: probe_pool(&options, args.probe_interval),
+            queries: store.probe_queries(),
             backlog: metrics.backlog.clone(),
+            oldest_age: metrics.oldest_unprocessed_age.clone(),
             resource,
             health: health.clone(),
             interval: args.probe_interval,
@@ -131,9 +132,9 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
         retry_max: args.retry_max,
     };
     let worker = Inbox::new(config, pool.clone(), store, client, metrics, health);
-    let result = worker.run(stop.clone()).await;
+    worker.run(stop.clone()).await;
     stop.cancel();
     sidecars.stop().await;
     pool.close().await;
-    result.context("inbox worker failed")
+    Ok(())
 }

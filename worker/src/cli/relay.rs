@@ -14,11 +14,11 @@ use outbox_worker::leader::{
     self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector,
 };
 use outbox_worker::metrics::RelayMetrics;
-use outbox_worker::probe::Probe;
+use outbox_worker::probe::{Probe, probe_pool};
 use outbox_worker::pubsub::{self, Batching, PubSubResource, Publishers};
 use outbox_worker::relay;
 use outbox_worker::relay::store::OutboxStore;
-use outbox_worker::relay::{Relay, RelayConfig};
+use outbox_worker::relay::{Relay, RelayConfig, TermEnd};
 use outbox_worker::{db, shutdown};
 use tokio_util::sync::CancellationToken;
 
@@ -62,9 +62,18 @@ pub struct RelayArgs {
     /// /healthz fails when the loop made no progress for this long.
     #[arg(long, env = "LIVENESS_TIMEOUT", default_value = "60s", value_parser = duration)]
     liveness_timeout: Duration,
-    /// How often readiness and the backlog gauge are refreshed.
+    /// How often readiness and the lag figures are refreshed (also the
+    /// server-side bound of each figure's query).
     #[arg(long, env = "PROBE_INTERVAL", default_value = "5s", value_parser = duration)]
     probe_interval: Duration,
+    /// Times a routed topic may refuse a row (PERMISSION_DENIED, NOT_FOUND,
+    /// ...) before the row is dead-lettered; the topic is set aside between
+    /// attempts, with the retry backoff, while other topics flow.
+    #[arg(long, env = "MAX_PUBLISH_ATTEMPTS", default_value_t = relay::DEFAULT_MAX_PUBLISH_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_publish_attempts: u32,
+    /// A topic's publisher unused for this long is let go.
+    #[arg(long, env = "PUBLISHER_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    publisher_idle_timeout: Duration,
     /// Apply the migrations before relaying.
     #[arg(long, env = "MIGRATE", default_value_t = false)]
     migrate: bool,
@@ -119,7 +128,7 @@ impl ElectionArgs {
     ) -> anyhow::Result<(
         Leadership,
         Option<tokio::task::JoinHandle<()>>,
-        Option<tokio::sync::watch::Sender<bool>>,
+        Option<tokio::sync::watch::Sender<Option<leader::Fence>>>,
     )> {
         let timings = Timings {
             lease_duration: self.lease_duration,
@@ -165,8 +174,20 @@ impl ElectionArgs {
 
 /// Runs the relay until SIGTERM.
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
+    let config = RelayConfig {
+        topic: args.topic.clone(),
+        batch_size: args.batch_size,
+        pipeline_depth: args.pipeline_depth as usize,
+        batch_bytes: args.batch_bytes,
+        poll_interval: args.poll_interval,
+        publish_timeout: args.publish_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+        retry_min: args.retry_min,
+        retry_max: args.retry_max,
+        max_publish_attempts: args.max_publish_attempts,
+    };
     anyhow::ensure!(
-        args.liveness_timeout > args.publish_timeout + Duration::from_secs(5),
+        args.liveness_timeout > config.shortest_liveness_timeout(),
         "--liveness-timeout ({:?}) must exceed --publish-timeout ({:?}) + 5s: a batch may wait that long for Pub/Sub",
         args.liveness_timeout,
         args.publish_timeout
@@ -174,10 +195,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signal();
     let options = db::connect_options(&args.database.database_url)?;
     tracing::info!(database = %db::describe(&options), "connecting lazily");
-    // A claim of a leader that went silent must not hold its rows forever.
-    let idle_tx_timeout = (args.publish_timeout + Duration::from_secs(10))
-        .as_millis()
-        .to_string();
+    // A claim of a leader that went silent must not hold its rows forever,
+    // and a claim the relay still waits on must not be ended by the server.
+    let idle_tx_timeout = config.idle_in_transaction_timeout().as_millis().to_string();
     let pool = db::lazy_pool(
         options.clone().options([(
             "idle_in_transaction_session_timeout",
@@ -210,9 +230,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         &health,
         Arc::new(registry),
         Probe {
-            pool: pool.clone(),
-            backlog_query: store.backlog_query(),
+            pool: probe_pool(&options, args.probe_interval),
+            queries: store.probe_queries(),
             backlog: metrics.backlog.clone(),
+            oldest_age: metrics.oldest_pending_age.clone(),
             resource,
             health: health.clone(),
             interval: args.probe_interval,
@@ -220,39 +241,21 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let config = RelayConfig {
-        topic: args.topic,
-        batch_size: args.batch_size,
-        pipeline_depth: args.pipeline_depth as usize,
-        batch_bytes: args.batch_bytes,
-        poll_interval: args.poll_interval,
-        publish_timeout: args.publish_timeout,
-        shutdown_timeout: args.shutdown_timeout,
-        retry_min: args.retry_min,
-        retry_max: args.retry_max,
-    };
+    let publishers = Publishers::new(base, Batching::default(), args.publisher_idle_timeout);
     let mut relay = Relay::new(
         config,
         pool.clone(),
         store,
-        Publishers::new(base, Batching::default()),
+        publishers,
         metrics.clone(),
         health.clone(),
     );
-    let health_for_standby = health;
     let release = CancellationToken::new();
     let (mut leadership, elector, _keep) = args
         .election
         .start(&options, &args.table, release.clone())
         .await?;
-    let result = lead_while_elected(
-        &mut relay,
-        &mut leadership,
-        &metrics,
-        &health_for_standby,
-        &stop,
-    )
-    .await;
+    lead_while_elected(&mut relay, &mut leadership, &metrics, &health, &stop).await;
     // Release only after the in-flight batches were finished, so the next
     // leader starts after our last commit.
     release.cancel();
@@ -262,7 +265,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     stop.cancel();
     sidecars.stop().await;
     pool.close().await;
-    result.context("relay failed")
+    Ok(())
 }
 
 /// Relays during each term of leadership, stands by in between.
@@ -272,30 +275,38 @@ async fn lead_while_elected(
     metrics: &RelayMetrics,
     health: &Health,
     stop: &CancellationToken,
-) -> Result<(), outbox_worker::relay::RelayError> {
+) {
     loop {
         tracing::info!("standing by until elected");
         // A standby is alive too: keep /healthz green while waiting.
-        loop {
+        let fence = loop {
             health.heartbeat();
             let wait = leader::wait_until_leading(leadership, stop);
             match tokio::time::timeout(Duration::from_secs(1), wait).await {
-                Ok(true) => break,
-                Ok(false) => return Ok(()),
+                Ok(Some(fence)) => break fence,
+                Ok(None) => return,
                 Err(_) => continue,
             }
-        }
+        };
         metrics.is_leader.set(1);
         metrics.leader_transitions.inc();
         tracing::info!("leading: relaying");
         let lost = leader::lost_token(leadership.clone());
-        let result = relay.run(stop, &lost).await;
+        let end = relay.run(stop, &lost, &fence).await;
         metrics.is_leader.set(0);
         metrics.leader_transitions.inc();
+        if end == TermEnd::NotLeader {
+            // A claim found the lock gone before the elector did: wait for
+            // the elector to notice, so this term is not started again.
+            let noticed = leadership.wait_for(Option::is_none);
+            tokio::select! {
+                _ = noticed => {},
+                _ = stop.cancelled() => {},
+            }
+        }
         lost.cancel();
-        result?;
         if stop.is_cancelled() {
-            return Ok(());
+            return;
         }
         tracing::warn!("no longer leading: standing by");
     }

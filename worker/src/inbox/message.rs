@@ -10,7 +10,7 @@ use bytes::Bytes;
 use google_cloud_pubsub::model::Message;
 use std::collections::BTreeMap;
 
-use crate::relay::message::MESSAGE_ID_ATTRIBUTE;
+use crate::pubsub::MESSAGE_ID_ATTRIBUTE;
 
 /// A message as the inbox stores it.
 #[derive(Clone, Debug)]

@@ -38,7 +38,7 @@ use crate::ident::SubscriptionName;
 use crate::metrics::InboxMetrics;
 use message::{DeadRow, InboxRow, Prepared, prepare};
 use source::Puller;
-use store::{InboxStore, is_data_error};
+use store::{InboxStore, refuses_message};
 
 /// Tuning knobs of the inbox loop.
 #[derive(Clone, Debug)]
@@ -72,13 +72,6 @@ impl InboxConfig {
             retry_max: Duration::from_secs(10),
         }
     }
-}
-
-/// Errors that stop the inbox worker (everything else is retried).
-#[derive(Debug, thiserror::Error)]
-pub enum InboxError {
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
 }
 
 /// What one committed batch did.
@@ -123,12 +116,12 @@ impl Inbox {
     }
 
     /// Runs until `stop` is cancelled, then stores and acknowledges what was
-    /// already received (within the shutdown timeout). Outages are retried
-    /// forever; only a misconfigured table stops the worker.
-    pub async fn run(self, stop: CancellationToken) -> Result<(), InboxError> {
+    /// already received (within the shutdown timeout). Outages and a missing
+    /// table are retried until then (and reported on readiness).
+    pub async fn run(self, stop: CancellationToken) {
         self.wait_for_tables(&stop).await;
         if stop.is_cancelled() {
-            return Ok(());
+            return;
         }
         info!(
             table = %self.store.table(),
@@ -203,7 +196,6 @@ impl Inbox {
             }
         }
         info!("inbox stopped");
-        Ok(())
     }
 
     /// Stores a batch (retrying database failures) and acknowledges it.
@@ -240,6 +232,9 @@ impl Inbox {
                     Err(e) => {
                         self.health.heartbeat();
                         self.metrics.db_errors.inc();
+                        if matches!(e, sqlx::Error::PoolTimedOut) {
+                            self.metrics.pool_timeouts.inc();
+                        }
                         self.health
                             .failing(Component::Database, format!("store failed: {e}"));
                         warn!(error = %e, "storing the batch failed; will retry");
@@ -281,7 +276,7 @@ impl Inbox {
         let mut tx = self.pool.begin().await?;
         let stored = match self.store.insert(&mut tx, &subscription, &good).await {
             Ok(n) => n,
-            Err(e) if is_data_error(&e) => {
+            Err(e) if refuses_message(&e) => {
                 warn!(error = %e, "the batch was refused; storing it message by message");
                 tx.rollback().await?;
                 return self.store_one_by_one(&subscription, &good, &dead).await;
@@ -320,7 +315,7 @@ impl Inbox {
                     savepoint.commit().await?;
                     stored += n;
                 }
-                Err(e) if is_data_error(&e) => {
+                Err(e) if refuses_message(&e) => {
                     savepoint.rollback().await?;
                     refused.push(message::dead_from_row(
                         row,

@@ -23,6 +23,7 @@ pub struct InboxStore {
     insert: String,
     insert_dead: String,
     backlog: String,
+    oldest_age: String,
 }
 
 /// Errors that name the table involved.
@@ -51,8 +52,13 @@ impl InboxStore {
                       AS b(m, pm, p, a, k, pt, e) \
                  ON CONFLICT (message_id) DO NOTHING"
             ),
-            backlog: format!(
-                "SELECT count(*) FROM {t} WHERE processed_at IS NULL AND parked_at IS NULL"
+            backlog: crate::probe::capped_count(
+                &t,
+                Some("processed_at IS NULL AND parked_at IS NULL"),
+            ),
+            oldest_age: format!(
+                "SELECT EXTRACT(EPOCH FROM clock_timestamp() - received_at)::float8 FROM {t} \
+                 WHERE processed_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1"
             ),
             table,
             dead_letter,
@@ -62,11 +68,6 @@ impl InboxStore {
     /// The inbox table.
     pub fn table(&self) -> &TableName {
         &self.table
-    }
-
-    /// The dead-letter table.
-    pub fn dead_letter(&self) -> &TableName {
-        &self.dead_letter
     }
 
     /// Fails with a readable error when either table is missing or lacks a
@@ -148,26 +149,27 @@ impl InboxStore {
         Ok(())
     }
 
-    /// The SQL of [`Self::backlog`], for the readiness probe.
-    pub fn backlog_query(&self) -> String {
-        self.backlog.clone()
-    }
-
-    /// Unprocessed rows, for the backlog gauge.
-    pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))
-            .fetch_one(pool)
-            .await
+    /// What the probe measures: unprocessed rows (exact up to a cap) and
+    /// the age of the oldest one.
+    pub fn probe_queries(&self) -> crate::probe::ProbeQueries {
+        crate::probe::ProbeQueries {
+            backlog: self.backlog.clone(),
+            oldest_age: self.oldest_age.clone(),
+        }
     }
 }
 
-/// Whether an error is the database refusing this data (SQLSTATE class 22,
-/// "data exception", e.g. an unsupported Unicode escape), as opposed to an
-/// outage: the batch is then stored message by message, and the message
-/// refused is dead-lettered.
-pub fn is_data_error(error: &sqlx::Error) -> bool {
+/// Whether an error is the database refusing this message, as opposed to
+/// an outage: SQLSTATE class 22 (data exception, e.g. an unsupported
+/// Unicode escape), 23 (integrity constraint violation, e.g. a CHECK
+/// constraint the application added) or 54 (program limit exceeded, e.g. a
+/// value too large for an index). The batch is then stored message by
+/// message, and each message refused is dead-lettered with the reason.
+pub fn refuses_message(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("22")),
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class))),
         _ => false,
     }
 }

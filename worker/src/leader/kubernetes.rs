@@ -13,19 +13,23 @@
 //!   record (holder, renew time) has not changed for `lease_duration` since this
 //!   candidate first saw it, which tolerates clock skew between nodes.
 //! - The leader gives up when it has not renewed for `renew_deadline`, before
-//!   anyone can consider the Lease expired.
+//!   anyone can consider the Lease expired. The deadline counts from when
+//!   the last successful renewal was *sent*, so a slow API server cannot
+//!   stretch it past the lease; the relay checks it at every claim
+//!   ([`Fence::Lease`]).
 //! - On release the holder is cleared, so a standby acquires at its next retry.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Leadership, Timings};
+use super::{Fence, Leadership, LeaseValidity, Timings};
 
 /// Elects a leader through one Lease.
 pub struct LeaseElector {
@@ -67,62 +71,61 @@ impl LeaseElector {
 
     /// Runs the election until `release` is cancelled, then releases.
     pub fn spawn(self, release: CancellationToken) -> (Leadership, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(None);
         let task = tokio::spawn(self.run(tx, release));
         (rx, task)
     }
 
-    async fn run(mut self, tx: watch::Sender<bool>, release: CancellationToken) {
-        let mut leading = false;
-        let mut renewed = Instant::now();
+    async fn run(mut self, tx: watch::Sender<Option<Fence>>, release: CancellationToken) {
+        let deadline = self.timings.renew_deadline;
+        // While leading: until when this term is valid.
+        let mut term: Option<Arc<LeaseValidity>> = None;
         loop {
-            let attempt = if leading {
-                let left = self
-                    .timings
-                    .renew_deadline
-                    .saturating_sub(renewed.elapsed());
-                tokio::time::timeout(left, self.try_acquire_or_renew())
-                    .await
-                    .unwrap_or_else(|_| Err(kube::Error::Service("renewal timed out".into())))
-            } else {
-                self.try_acquire_or_renew().await
+            // A renewal counts from when it was sent, not from its answer.
+            let sent = Instant::now();
+            let attempt = match &term {
+                Some(validity) => {
+                    tokio::time::timeout(validity.remaining(), self.try_acquire_or_renew())
+                        .await
+                        .unwrap_or_else(|_| Err(kube::Error::Service("renewal timed out".into())))
+                }
+                None => self.try_acquire_or_renew().await,
             };
             match attempt {
-                Ok(Attempt::Holding) => {
-                    renewed = Instant::now();
-                    if !leading {
-                        leading = true;
+                Ok(Attempt::Holding) => match &term {
+                    Some(validity) => validity.renewed(sent, deadline),
+                    None => {
                         info!(identity = %self.identity, lease = %self.name, "became leader (Lease acquired)");
-                        let _ = tx.send(true);
+                        let validity = Arc::new(LeaseValidity::new(sent, deadline));
+                        let _ = tx.send(Some(Fence::Lease(validity.clone())));
+                        term = Some(validity);
                     }
-                }
+                },
                 Ok(Attempt::HeldByOther(holder)) => {
-                    if leading {
-                        leading = false;
+                    if term.take().is_some() {
                         warn!(identity = %self.identity, %holder, "lost leadership: the Lease was taken over");
-                        let _ = tx.send(false);
+                        let _ = tx.send(None);
                     }
                 }
-                Err(e) => {
-                    debug!(error = %e, "Lease request failed");
-                    if leading && renewed.elapsed() >= self.timings.renew_deadline {
-                        leading = false;
-                        warn!(identity = %self.identity, error = %e, "lost leadership: could not renew the Lease within the renew deadline");
-                        let _ = tx.send(false);
-                    }
-                }
+                Err(e) => debug!(error = %e, "Lease request failed"),
             }
-            if leading && renewed.elapsed() >= self.timings.renew_deadline {
-                leading = false;
-                let _ = tx.send(false);
+            if term.as_ref().is_some_and(|validity| !validity.valid()) {
+                term = None;
+                warn!(identity = %self.identity, "lost leadership: could not renew the Lease within the renew deadline");
+                let _ = tx.send(None);
             }
+            // Wake at the renew deadline at the latest, to step down on time.
+            let pause = match &term {
+                Some(validity) => self.timings.retry_period.min(validity.remaining()),
+                None => self.timings.retry_period,
+            };
             tokio::select! {
-                _ = tokio::time::sleep(self.timings.retry_period) => {},
+                _ = tokio::time::sleep(pause) => {},
                 _ = release.cancelled() => break,
             }
         }
-        let _ = tx.send(false);
-        if leading {
+        let _ = tx.send(None);
+        if term.is_some() {
             match tokio::time::timeout(Duration::from_secs(2), self.release()).await {
                 Ok(Ok(())) => info!(identity = %self.identity, "released the Lease"),
                 Ok(Err(e)) => {

@@ -11,12 +11,21 @@
 //!   `lease_duration` > `renew_deadline` to pass without a renewal).
 //! - On shutdown the leader releases the lock immediately, so a rolling update
 //!   hands over without waiting for expiry.
+//! - Leadership comes with a [`Fence`]: the relay checks it inside every
+//!   claiming transaction, after the claim's row locks, and claims nothing
+//!   unless this replica still leads at that moment. A new leader waits for
+//!   the row locks of claims that passed the check before (see
+//!   `Relay::wait_for_previous_claims`), so two relays never hold claims at
+//!   once, however late the elector's own renewal notices a loss.
 //!
 //! Backends: [`kubernetes`] (a `coordination.k8s.io/v1` Lease), [`postgres`]
 //! (a session-level advisory lock on a dedicated connection) and `none`.
 
+mod fence;
 pub mod kubernetes;
 pub mod postgres;
+
+pub use fence::{Fence, LeaseValidity};
 
 use std::time::Duration;
 use tokio::sync::watch;
@@ -96,19 +105,23 @@ impl Timings {
     }
 }
 
-/// The receiving side: `true` while this replica leads.
-pub type Leadership = watch::Receiver<bool>;
+/// The receiving side: `Some(fence)` while this replica leads.
+pub type Leadership = watch::Receiver<Option<Fence>>;
 
 /// Leadership that never changes (backend `none`).
-pub fn always_leader() -> (watch::Sender<bool>, Leadership) {
-    watch::channel(true)
+pub fn always_leader() -> (watch::Sender<Option<Fence>>, Leadership) {
+    watch::channel(Some(Fence::Unfenced))
 }
 
-/// Waits until this replica leads; `false` if `stop` came first.
-pub async fn wait_until_leading(leadership: &mut Leadership, stop: &CancellationToken) -> bool {
+/// Waits until this replica leads and returns the fence of the term; `None`
+/// if `stop` came first or the elector stopped.
+pub async fn wait_until_leading(
+    leadership: &mut Leadership,
+    stop: &CancellationToken,
+) -> Option<Fence> {
     tokio::select! {
-        result = leadership.wait_for(|leading| *leading) => result.is_ok(),
-        _ = stop.cancelled() => false,
+        result = leadership.wait_for(Option::is_some) => result.ok().and_then(|fence| fence.clone()),
+        _ = stop.cancelled() => None,
     }
 }
 
@@ -117,7 +130,7 @@ pub fn lost_token(mut leadership: Leadership) -> CancellationToken {
     let token = CancellationToken::new();
     let lost = token.clone();
     tokio::spawn(async move {
-        let _ = leadership.wait_for(|leading| !*leading).await;
+        let _ = leadership.wait_for(Option::is_none).await;
         lost.cancel();
     });
     token

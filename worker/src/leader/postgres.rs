@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Leadership, Timings};
+use super::{Fence, Leadership, Timings};
 use crate::ident::TableName;
 
 /// High half of the advisory lock key ("obr" for OutboxRelay); the low half is
@@ -58,19 +58,19 @@ impl PgElector {
 
     /// Runs the election until `release` is cancelled, then releases the lock.
     pub fn spawn(self, release: CancellationToken) -> (Leadership, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(None);
         let task = tokio::spawn(self.run(tx, release));
         (rx, task)
     }
 
-    async fn run(self, tx: watch::Sender<bool>, release: CancellationToken) {
+    async fn run(self, tx: watch::Sender<Option<Fence>>, release: CancellationToken) {
         while !release.is_cancelled() {
             match self.acquire(&release).await {
-                Ok(Some((conn, key))) => {
+                Ok(Some((conn, key, fence))) => {
                     info!(identity = %self.identity, table = %self.table, "became leader (advisory lock acquired)");
-                    let _ = tx.send(true);
+                    let _ = tx.send(Some(fence));
                     let released = self.lead(conn, key, &release).await;
-                    let _ = tx.send(false);
+                    let _ = tx.send(None);
                     if released {
                         info!(identity = %self.identity, "released leadership");
                         return;
@@ -87,7 +87,7 @@ impl PgElector {
                 }
             }
         }
-        let _ = tx.send(false);
+        let _ = tx.send(None);
     }
 
     async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
@@ -109,10 +109,11 @@ impl PgElector {
     }
 
     /// Waits for the lock. `Ok(None)`: an attempt timed out (try again).
+    /// On success, the fence names the lock and the session holding it.
     async fn acquire(
         &self,
         release: &CancellationToken,
-    ) -> Result<Option<(PgConnection, i64)>, sqlx::Error> {
+    ) -> Result<Option<(PgConnection, i64, Fence)>, sqlx::Error> {
         let mut conn = self.connect().await?;
         let oid: i64 = sqlx::query_scalar("SELECT $1::regclass::oid::bigint")
             .bind(self.table.quoted())
@@ -125,17 +126,31 @@ impl PgElector {
         let attempt = sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(key)
             .execute(&mut conn);
-        tokio::select! {
+        let acquired = tokio::select! {
             result = tokio::time::timeout(wait, attempt) => match result {
-                Ok(Ok(_)) => Ok(Some((conn, key))),
+                Ok(Ok(_)) => true,
                 // 55P03: lock_timeout; someone else leads.
-                Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("55P03") => Ok(None),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Ok(None),
+                Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("55P03") => false,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => false,
             },
             // Dropping the connection withdraws the lock request.
-            _ = release.cancelled() => Ok(None),
+            _ = release.cancelled() => false,
+        };
+        if !acquired {
+            return Ok(None);
         }
+        let (pid, backend_start) = sqlx::query_as(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let fence = Fence::AdvisoryLock {
+            key,
+            pid,
+            backend_start,
+        };
+        Ok(Some((conn, key, fence)))
     }
 
     /// Confirms the session every retry period. Returns `true` when released
@@ -156,9 +171,12 @@ impl PgElector {
                 .timings
                 .renew_deadline
                 .saturating_sub(confirmed.elapsed());
+            // A confirmation counts from when it was asked for, not from the
+            // answer: a slow answer must not stretch the renew deadline.
+            let asked = Instant::now();
             let ping = sqlx::query("SELECT 1").execute(&mut conn);
             match tokio::time::timeout(left, ping).await {
-                Ok(Ok(_)) => confirmed = Instant::now(),
+                Ok(Ok(_)) => confirmed = asked,
                 Ok(Err(e)) => {
                     warn!(error = %e, "leader lock connection failed");
                     return false;

@@ -2,30 +2,41 @@
 //! to a claimed batch, then delete, dead-letter and commit.
 //!
 //! Running them apart from the claiming loop lets the next claim (a database
-//! round trip) overlap with waiting for Pub/Sub and committing the previous
-//! batch. Batches are finished strictly in claim order, one at a time; each
-//! result goes back to the claiming loop, which alone decides what happens
-//! after a failure (see `Relay::run`).
+//! round trip) overlap with waiting for and committing the previous batch.
+//! Batches are finished strictly in claim order, one at a time, and every
+//! batch handed over is reported back exactly once; the claiming loop alone
+//! decides what happens after a failure (see [`super::pipeline`]).
+//!
+//! Each batch has a deadline: the publish timeout plus a grace period,
+//! counted from the claim's last statement. Its transaction is idle from
+//! then until the commit, and the server ends transactions idle for longer
+//! than that deadline plus a margin (the relay's pool sets
+//! `idle_in_transaction_session_timeout`; see [`super::RelayConfig`]), which
+//! frees the claims of a leader that went silent. A batch that waited for
+//! the one before it gets no extra time: the server would not grant it.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::batch::{Batch, Outcome, PausedKeys, State};
+use super::batch::{Batch, Entry, Outcome, PausedKeys, State};
+use super::pipeline::End;
 use super::store::OutboxStore;
 use crate::health::{Component, Health};
 use crate::ident::TopicName;
 use crate::metrics::RelayMetrics;
+use crate::pubsub::Verdict;
 
-/// A batch that went through stages 2 and 3.
+/// A batch that went through stages 2 and 3 (or was given up).
 pub struct Finished {
     /// What Pub/Sub said, row by row.
     pub outcome: Outcome,
-    /// Whether the deletes and the commit went through; when they did not,
-    /// every row of the batch stays in the outbox.
-    pub committed: Result<(), sqlx::Error>,
+    /// How it ended.
+    pub end: End,
+    /// Why the commit failed, if it did.
+    pub commit_error: Option<sqlx::Error>,
 }
 
 /// Finishes claimed batches; owns clones of what it needs, so it can run as
@@ -34,112 +45,105 @@ pub struct Committer {
     pub store: OutboxStore,
     pub metrics: RelayMetrics,
     pub health: Health,
-    /// The relay's own topic, for the "topic does not exist" report.
+    /// The relay's own topic, for readiness messages.
     pub topic: TopicName,
-    /// How long Pub/Sub may take to answer a batch.
-    pub publish_timeout: Duration,
+    /// How long a batch may wait for Pub/Sub after its claim.
+    pub settle_window: std::time::Duration,
 }
 
 impl Committer {
     /// Finishes the batches from `batches` in order and reports each on
-    /// `finished`, until `batches` closes. When `lost` fires, every batch it
-    /// still holds is dropped, which rolls its claim back at once, and the
-    /// ordering keys of those batches are returned so they can be resumed.
+    /// `finished`, until `batches` closes. When `lost` fires, every batch
+    /// still held is dropped, which rolls its claim back at once, and
+    /// reported as given up, with its ordering keys to resume.
     pub async fn run(
         self,
         mut batches: mpsc::Receiver<Batch>,
         finished: mpsc::UnboundedSender<Finished>,
         lost: CancellationToken,
-    ) -> PausedKeys {
-        let mut keys = PausedKeys::new();
-        loop {
-            let mut batch = tokio::select! {
-                biased;
-                _ = lost.cancelled() => break,
-                next = batches.recv() => match next {
-                    Some(batch) => batch,
-                    None => return keys,
-                },
-            };
+    ) {
+        while let Some(mut batch) = batches.recv().await {
             let span = info_span!(
                 "finish",
                 rows = batch.entries.len(),
                 first_id = batch.entries.first().map(|e| e.id)
             );
-            let settled = tokio::select! {
-                settled = self.settle(&mut batch).instrument(span.clone()) => settled,
-                _ = lost.cancelled() => {
-                    keys.extend(batch.keys());
-                    break;
+            // Stage 2; cancel safe, so leadership lost meanwhile drops it.
+            let settled = !lost.is_cancelled()
+                && tokio::select! {
+                    _ = self.settle(&mut batch).instrument(span.clone()) => true,
+                    _ = lost.cancelled() => false,
+                };
+            let report = if settled {
+                let outcome = batch.outcome();
+                // A batch that failed may have had its keys paused.
+                let keys = outcome.paused_keys.clone();
+                tokio::select! {
+                    report = self.finish(batch, outcome).instrument(span) => report,
+                    _ = lost.cancelled() => given_up(keys),
                 }
+            } else {
+                given_up(batch.keys())
             };
-            let outcome = batch.outcome();
-            let committed = tokio::select! {
-                committed = self.commit(batch, &outcome).instrument(span.clone()) => committed,
-                _ = lost.cancelled() => {
-                    keys.extend(outcome.paused_keys);
-                    break;
-                }
-            };
-            if committed.is_ok() {
-                let _entered = span.enter();
-                self.record(&outcome, settled);
-            }
-            let report = Finished { outcome, committed };
             if finished.send(report).is_err() {
                 // The claiming loop is gone; nobody needs more results.
-                return keys;
+                return;
             }
         }
-        // Leadership lost: give up everything still queued, too.
-        batches.close();
-        while let Ok(batch) = batches.try_recv() {
-            keys.extend(batch.keys());
-        }
-        keys
     }
 
-    /// Stage 2: wait for every answer, but not forever.
-    async fn settle(&self, batch: &mut Batch) -> Settled {
-        let deadline = self.publish_timeout + Duration::from_secs(5);
-        let own_topic_missing = match tokio::time::timeout(deadline, batch.settle()).await {
-            Ok(summary) => summary.own_topic_missing,
-            Err(_) => {
-                batch.abandon_pending("no answer from Pub/Sub in time");
-                false
-            }
-        };
-        let ages_at_claim = batch
-            .entries
-            .iter()
-            .filter(|e| matches!(e.state, State::Published))
-            .map(|e| e.age_at_claim)
-            .collect();
-        Settled {
-            own_topic_missing,
-            claimed_at: batch.claimed_at,
-            ages_at_claim,
+    /// Stage 2: wait for every answer until the batch's deadline.
+    async fn settle(&self, batch: &mut Batch) {
+        let deadline = batch.claimed_at + self.settle_window;
+        if tokio::time::timeout_at(deadline.into(), batch.settle(&self.health))
+            .await
+            .is_err()
+        {
+            batch.abandon_pending();
         }
     }
 
     /// Stage 3: delete what Pub/Sub acknowledged, dead-letter what it never
-    /// will, and commit; rows to retry stay locked until the commit frees them.
-    async fn commit(&self, mut batch: Batch, outcome: &Outcome) -> Result<(), sqlx::Error> {
-        self.store
-            .finish(&mut batch.tx, &outcome.published, &outcome.dead)
-            .await?;
-        batch.tx.commit().await?;
-        self.health.ok(Component::Database);
-        Ok(())
+    /// will, and commit; rows to retry stay locked until the commit frees
+    /// them.
+    async fn finish(&self, mut batch: Batch, outcome: Outcome) -> Finished {
+        let committed = async {
+            self.store
+                .finish(&mut batch.tx, &outcome.published, &outcome.dead)
+                .await?;
+            batch.tx.commit().await
+        }
+        .await;
+        match committed {
+            Ok(()) => {
+                self.health.ok(Component::Database);
+                self.record(&outcome, batch.claimed_at, &batch.entries);
+                Finished {
+                    outcome,
+                    end: End::Committed,
+                    commit_error: None,
+                }
+            }
+            Err(e) => Finished {
+                outcome,
+                end: End::CommitFailed,
+                commit_error: Some(e),
+            },
+        }
     }
 
     /// Metrics, health and logs for a committed batch.
-    fn record(&self, outcome: &Outcome, settled: Settled) {
+    fn record(&self, outcome: &Outcome, claimed_at: Instant, entries: &[Entry]) {
         // Insert to acknowledged and deleted: the row's age when claimed
         // (measured by the database) plus the time since the claim.
-        let since_claim = settled.claimed_at.elapsed().as_secs_f64();
-        for age in &settled.ages_at_claim {
-            self.metrics.latency.observe(age + since_claim);
+        let since_claim = claimed_at.elapsed().as_secs_f64();
+        for entry in entries
+            .iter()
+            .filter(|e| matches!(e.state, State::Published))
+        {
+            self.metrics
+                .latency
+                .observe(entry.age_at_claim + since_claim);
         }
         self.metrics
             .published
@@ -152,21 +156,23 @@ impl Committer {
                 warn!(id, %reason, "moved to the dead-letter table");
             }
         }
-        if outcome.retry > 0 {
+        if !outcome.failed.is_empty() {
             self.metrics
-                .publish_error("transient", outcome.retry as u64);
-            let reason = outcome.first_retry_reason.as_deref().unwrap_or("unknown");
-            if settled.own_topic_missing {
+                .publish_error("transient", outcome.failed.len() as u64);
+            let reason = outcome.first_reason().unwrap_or("unknown");
+            if outcome.any(Verdict::OwnTopicRefused) {
                 self.health.failing(
                     Component::PubSub,
-                    format!("topic {} does not exist", self.topic),
+                    format!("topic {} refuses messages: {reason}", self.topic),
                 );
-                error!(topic = %self.topic, "the relay's topic does not exist; retrying");
-            } else if outcome.published.is_empty() {
+                error!(topic = %self.topic, %reason, "the relay's topic refuses messages; retrying");
+            } else if outcome.published.is_empty()
+                && (outcome.any(Verdict::Outage) || outcome.any(Verdict::Timeout))
+            {
                 self.health
                     .failing(Component::PubSub, format!("publish failed: {reason}"));
             }
-            warn!(failed = outcome.retry, published = outcome.published.len(), %reason, "publish failed; rows stay in the outbox and will be retried");
+            warn!(failed = outcome.failed.len(), published = outcome.published.len(), %reason, "publish failed; rows stay in the outbox and will be retried");
         }
         if !outcome.published.is_empty() {
             self.health.ok(Component::PubSub);
@@ -174,16 +180,22 @@ impl Committer {
         debug!(
             published = outcome.published.len(),
             dead = outcome.dead.len(),
-            retry = outcome.retry,
+            failed = outcome.failed.len(),
             "batch committed"
         );
     }
 }
 
-/// What settling noticed beyond the per-row results.
-struct Settled {
-    own_topic_missing: bool,
-    claimed_at: Instant,
-    /// Seconds from insert to claim of each published row.
-    ages_at_claim: Vec<f64>,
+/// The report of a batch dropped unfinished (its claim rolls back), with
+/// the ordering keys the client may have paused.
+fn given_up(paused_keys: PausedKeys) -> Finished {
+    let outcome = Outcome {
+        paused_keys,
+        ..Outcome::default()
+    };
+    Finished {
+        outcome,
+        end: End::GivenUp,
+        commit_error: None,
+    }
 }

@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use crate::ident::TopicName;
-
-/// The attribute that carries the row's stable id; subscribers deduplicate on it.
-pub const MESSAGE_ID_ATTRIBUTE: &str = "message-id";
+use crate::pubsub::MESSAGE_ID_ATTRIBUTE;
 
 /// Pub/Sub's limits (https://cloud.google.com/pubsub/quotas#resource_limits).
 pub mod limits {
@@ -74,6 +72,17 @@ pub fn prepare(row: &OutboxRow, own_topic: &TopicName) -> Result<Prepared, Strin
     };
 
     let mut attributes = attributes(row.attributes.as_ref())?;
+    // An application may use its own idempotency key, but an empty one
+    // would silently stop deduplication downstream (the inbox falls back to
+    // Pub/Sub's id, which changes with every publish).
+    if attributes
+        .get(MESSAGE_ID_ATTRIBUTE)
+        .is_some_and(|id| id.trim().is_empty())
+    {
+        return Err(format!(
+            "column attributes: {MESSAGE_ID_ATTRIBUTE:?} is empty; leave it out to use the row's message_id, or set a non-empty id"
+        ));
+    }
     attributes
         .entry(MESSAGE_ID_ATTRIBUTE.to_owned())
         .or_insert_with(|| row.message_id.to_string());
@@ -209,9 +218,13 @@ mod tests {
     }
 
     #[test]
-    fn caller_may_set_its_own_message_id() {
+    fn caller_may_set_its_own_message_id_but_not_an_empty_one() {
         let p = prepare(&row(b"", Some(json!({"message-id": "order-7"}))), &topic()).unwrap();
         assert_eq!(p.message.attributes[MESSAGE_ID_ATTRIBUTE], "order-7");
+        for empty in ["", "  "] {
+            let err = prepare(&row(b"", Some(json!({"message-id": empty}))), &topic()).unwrap_err();
+            assert!(err.contains("\"message-id\" is empty"), "{err}");
+        }
     }
 
     #[test]

@@ -1,34 +1,37 @@
 //! The outbox relay: PostgreSQL → Pub/Sub, at least once, in per-key order.
 //!
-//! Three stages, run by two tasks:
+//! Three stages, run by two tasks, one way:
 //!
-//! 1. **claim** (this module, the claiming loop) — lock the oldest pending
-//!    rows (`FOR UPDATE SKIP LOCKED`, in id order) in a transaction and hand
-//!    each to the Pub/Sub publisher, which batches them into requests and
-//!    keeps per-key order.
+//! 1. **claim** ([`claim`], the claiming loop) — lock the oldest pending rows
+//!    (`FOR UPDATE SKIP LOCKED`, in id order), check in the same transaction
+//!    that this replica still leads, and hand each row to its topic's
+//!    publisher, which batches them into requests and keeps per-key order.
 //! 2. **settle** ([`commit`], its own task) — wait until Pub/Sub answered for
-//!    every row of the oldest batch in flight.
+//!    every row of the oldest batch in flight, up to the batch's deadline.
 //! 3. **finish** ([`commit`]) — in the claiming transaction, delete the
 //!    acknowledged rows and move the unpublishable ones to the dead-letter
 //!    table, then commit.
 //!
 //! Up to `pipeline_depth` batches are in flight, so claiming and publishing
-//! the next batch overlaps with waiting for and committing the previous ones.
+//! the next batch overlaps with waiting for and committing the previous
+//! ones. What the loop does next is decided by one state machine
+//! ([`pipeline`]): it is also the one place that resumes ordering keys the
+//! client paused after a failure. What to do with rows that failed (publish
+//! alone, set their topic aside, give up after a number of attempts) is
+//! decided in [`retries`]; what a Pub/Sub error means, in
+//! [`crate::pubsub::classify`].
+//!
 //! A row leaves the outbox only in the same commit that records its
 //! acknowledgement; a crash at any point rolls the claim back, and the rows
-//! are published again (the only source of duplicates, bounded by what was in
-//! flight).
-//!
-//! Order: rows are handed to the publisher in id order, and the publisher sends
-//! one ordering key's messages in that order. When a publish fails, the client
-//! pauses that key, so later messages of the key fail too instead of
-//! overtaking it. The claiming loop then stops claiming until every batch in
-//! flight is finished, resumes the paused keys and claims again from the
-//! oldest row: the order holds across retries.
+//! are published again (the only source of duplicates, bounded by what was
+//! in flight).
 
 mod batch;
+mod claim;
 mod commit;
 pub mod message;
+mod pipeline;
+mod retries;
 pub mod store;
 mod wakeup;
 
@@ -40,16 +43,19 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::health::{Component, Health};
 use crate::ident::TopicName;
+use crate::leader::Fence;
 use crate::metrics::RelayMetrics;
 use crate::pubsub::Publishers;
-use batch::{Batch, Entry, PausedKeys, State};
+use batch::{Batch, PausedKeys};
+use claim::{ClaimError, ClaimSize};
 use commit::{Committer, Finished};
-use message::prepare;
+use pipeline::{End, Next, Pipeline};
+use retries::Retries;
 use store::OutboxStore;
 use wakeup::Wakeup;
 
@@ -63,6 +69,12 @@ pub const DEFAULT_BATCH_SIZE: u32 = 5000;
 pub const DEFAULT_PIPELINE_DEPTH: usize = 2;
 /// Payload bytes a claim aims to hold: bounds memory whatever the row size.
 pub const DEFAULT_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Times a routed topic may refuse a row before it is dead-lettered.
+pub const DEFAULT_MAX_PUBLISH_ATTEMPTS: u32 = 10;
+/// Added to the publish timeout: how long a batch may wait for Pub/Sub.
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
+/// Added to a batch's deadline: how long the server lets a claim sit idle.
+const IDLE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Tuning knobs of the relay loop.
 #[derive(Clone, Debug)]
@@ -87,6 +99,8 @@ pub struct RelayConfig {
     pub retry_min: Duration,
     /// Cap of the backoff.
     pub retry_max: Duration,
+    /// Times a routed topic may refuse a row before it is dead-lettered.
+    pub max_publish_attempts: u32,
 }
 
 impl RelayConfig {
@@ -102,15 +116,41 @@ impl RelayConfig {
             shutdown_timeout: Duration::from_secs(5),
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            max_publish_attempts: DEFAULT_MAX_PUBLISH_ATTEMPTS,
         }
+    }
+
+    /// How long a claimed batch may wait for Pub/Sub, counted from the
+    /// claim's last statement: the publish timeout plus a grace period.
+    pub fn settle_window(&self) -> Duration {
+        self.publish_timeout + SETTLE_GRACE
+    }
+
+    /// The `idle_in_transaction_session_timeout` of the relay's sessions:
+    /// longer than any claim waits idle (a batch's settle window), so the
+    /// server never ends a claim the relay still waits on, and short enough
+    /// to free a silent leader's claims soon.
+    pub fn idle_in_transaction_timeout(&self) -> Duration {
+        self.settle_window() + IDLE_MARGIN
+    }
+
+    /// The `/healthz` timeout must exceed the longest a loop turn can take
+    /// without progress: one batch's settle window.
+    pub fn shortest_liveness_timeout(&self) -> Duration {
+        self.settle_window()
     }
 }
 
-/// Errors that stop the relay (everything else is retried).
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
+/// Why a term of relaying ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TermEnd {
+    /// Shutdown was requested.
+    Stopped,
+    /// The elector reported that leadership was lost.
+    LeadershipLost,
+    /// A claim found that this replica no longer leads, before the elector
+    /// noticed.
+    NotLeader,
 }
 
 /// The relay: one outbox table to one default topic.
@@ -121,8 +161,10 @@ pub struct Relay {
     publishers: Publishers,
     metrics: RelayMetrics,
     health: Health,
-    /// Rows to claim next (adapts to payload size).
-    claim_limit: i64,
+    /// How much the next claim takes (adapts to payload size and timeouts).
+    size: ClaimSize,
+    /// What failed rows are owed (see [`retries`]).
+    retries: Retries,
 }
 
 impl Relay {
@@ -136,7 +178,12 @@ impl Relay {
         health: Health,
     ) -> Self {
         Relay {
-            claim_limit: i64::from(config.batch_size.max(1)),
+            size: ClaimSize::new(config.batch_size, config.batch_bytes),
+            retries: Retries::new(
+                config.max_publish_attempts,
+                config.retry_min,
+                config.retry_max,
+            ),
             config,
             pool,
             store,
@@ -146,35 +193,41 @@ impl Relay {
         }
     }
 
-    /// Relays while this replica leads.
+    /// Relays while this replica leads, proving it with `fence` at every
+    /// claim.
     ///
-    /// Returns when `stop` is cancelled (shutdown: finish or release what is in
-    /// flight within the shutdown timeout) or when `lost` is cancelled
-    /// (leadership lost: roll every in-flight claim back at once, so that the
-    /// next leader publishes those rows again instead of this replica
-    /// committing half of them). Database and Pub/Sub outages are retried
-    /// forever; only a misconfigured table stops the relay.
+    /// Returns when `stop` is cancelled (shutdown: finish what is in flight
+    /// within the shutdown timeout, release the rest), when `lost` is
+    /// cancelled (leadership lost: roll every in-flight claim back at once,
+    /// so that the next leader publishes those rows again instead of this
+    /// replica committing half of them), or when a claim finds that the
+    /// fence no longer holds. Database and Pub/Sub outages are retried
+    /// forever.
     pub async fn run(
         &mut self,
         stop: &CancellationToken,
         lost: &CancellationToken,
-    ) -> Result<(), RelayError> {
-        let either = CancellationToken::new();
-        let _guard = either.clone().drop_guard();
-        {
-            let (either, stop, lost) = (either.clone(), stop.clone(), lost.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {},
-                    _ = lost.cancelled() => {},
-                    _ = either.cancelled() => {},
-                }
+        fence: &Fence,
+    ) -> TermEnd {
+        let either = stop.child_token();
+        let _either_guard = either.clone().drop_guard();
+        let forward_lost = {
+            let (either, lost) = (either.clone(), lost.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                lost.cancelled().await;
                 either.cancel();
-            });
-        }
-        let stop = &either;
-        self.wait_for_tables(stop).await;
-        self.wait_for_previous_claims(stop).await;
+            }))
+        };
+        self.wait_for_tables(&either).await;
+        self.wait_for_previous_claims(&either).await;
+        let Some(gate) = self.close_claim_gate(&either).await else {
+            return if lost.is_cancelled() {
+                TermEnd::LeadershipLost
+            } else {
+                TermEnd::Stopped
+            };
+        };
+        self.retries.forget();
         info!(
             table = %self.store.table(),
             topic = %self.config.topic,
@@ -183,182 +236,175 @@ impl Relay {
             "relay started"
         );
 
-        // Stages 2 and 3 run in their own task, fed in claim order.
+        // Stages 2 and 3 run in their own task, fed in claim order; every
+        // batch handed over comes back as exactly one report.
         let depth = self.config.pipeline_depth.max(1);
         let (to_commit, batches) = mpsc::channel::<Batch>(depth);
-        let (finished_tx, mut finished) = mpsc::unbounded_channel::<Finished>();
+        let (reports, mut finished) = mpsc::unbounded_channel::<Finished>();
         let committer = Committer {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             health: self.health.clone(),
             topic: self.config.topic.clone(),
-            publish_timeout: self.config.publish_timeout,
+            settle_window: self.config.settle_window(),
         };
-        let mut committer = AbortOnDrop(tokio::spawn(committer.run(
-            batches,
-            finished_tx,
-            lost.clone(),
-        )));
+        let committer = AbortOnDrop(tokio::spawn(committer.run(batches, reports, lost.clone())));
 
-        let mut wakeup = Wakeup::new(self.pool.clone(), self.config.poll_interval);
-        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
-        let mut pipeline = Pipeline::default();
-        let mut retry_at: Option<Instant> = None;
-        let mut more = true;
+        let wakeup = Wakeup::start(self.pool.clone(), self.config.poll_interval);
+        let backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
+        let mut pipeline = Pipeline::new(depth, backoff);
+        let mut end = TermEnd::Stopped;
+        let mut shutdown_deadline: Option<Instant> = None;
 
-        while !stop.is_cancelled() {
+        loop {
             self.health.heartbeat();
-
-            // Take in what the committer finished meanwhile, without waiting.
-            while let Ok(done) = finished.try_recv() {
-                more = true;
-                self.absorb(done, &mut pipeline, &mut backoff);
+            while let Ok(report) = finished.try_recv() {
+                self.absorb(report, &mut pipeline);
             }
-
-            // After a failure, once everything claimed before it is finished:
-            // resume the paused keys and start again from the oldest row.
-            if pipeline.in_flight == 0
-                && let Some(drained) = pipeline.draining.take()
-            {
-                self.resume(&drained.keys);
-                if drained.failed {
-                    let delay = backoff.next_delay();
+            if (either.is_cancelled() || lost.is_cancelled()) && shutdown_deadline.is_none() {
+                pipeline.stop();
+                shutdown_deadline = Some(Instant::now() + self.config.shutdown_timeout);
+                if lost.is_cancelled() {
+                    end = TermEnd::LeadershipLost;
+                } else if pipeline.in_flight() > 0 {
+                    info!(
+                        batches = pipeline.in_flight(),
+                        "finishing in-flight batches"
+                    );
+                }
+            }
+            match pipeline.next(Instant::now()) {
+                Next::Resume(keys) => self.resume(&keys, &mut pipeline),
+                Next::Claim => {
+                    let claimed = tokio::select! {
+                        claimed = self.claim(gate, fence) => claimed,
+                        // Leadership lost mid-claim: the claim rolls back.
+                        _ = lost.cancelled() => continue,
+                    };
+                    match claimed {
+                        Ok(Some(batch)) => {
+                            pipeline.claimed(batch.full, batch.stopped_short);
+                            if to_commit.send(batch).await.is_err() {
+                                // The committer is gone (it only ends with
+                                // the relay); the batch rolled back.
+                                pipeline.forget_in_flight();
+                                break;
+                            }
+                        }
+                        Ok(None) => pipeline.found_nothing(),
+                        Err(ClaimError::Database(e, keys)) => {
+                            self.database_failed("claim", &e);
+                            pipeline.claim_failed(keys);
+                        }
+                        Err(ClaimError::NotLeader) => {
+                            warn!(
+                                "this replica no longer holds the leader lock; stopping before the elector notices"
+                            );
+                            end = TermEnd::NotLeader;
+                            either.cancel();
+                        }
+                    }
+                }
+                Next::AwaitResult => {
+                    let deadline = shutdown_deadline.filter(|_| !lost.is_cancelled());
+                    tokio::select! {
+                        report = finished.recv() => match report {
+                            Some(report) => self.absorb(report, &mut pipeline),
+                            None => {
+                                pipeline.forget_in_flight();
+                                break;
+                            }
+                        },
+                        _ = either.cancelled(), if shutdown_deadline.is_none() => {},
+                        _ = sleep_until(deadline), if deadline.is_some() => {
+                            warn!("shutdown timeout reached; releasing the rest for the next run");
+                            committer.0.abort();
+                            pipeline.forget_in_flight();
+                        }
+                    }
+                }
+                Next::Sleep(at) => {
                     debug!(
-                        delay_ms = delay.as_millis() as u64,
+                        delay_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
                         "retrying after failure"
                     );
-                    retry_at = Some(Instant::now() + delay);
-                }
-            }
-
-            // 1. Claim while there is room in the pipeline and rows to claim.
-            let may_claim = retry_at.is_none() && pipeline.has_room(depth);
-            if more && may_claim {
-                let claimed = tokio::select! {
-                    claimed = self.claim() => claimed,
-                    // Leadership lost mid-claim: the claim rolls back.
-                    _ = lost.cancelled() => break,
-                };
-                match claimed {
-                    Ok(Some(batch)) => {
-                        more = batch.full;
-                        pipeline.in_flight += 1;
-                        if let Err(unsent) = to_commit.send(batch).await {
-                            // The committer stops only when leadership is
-                            // lost; this batch rolls back here.
-                            self.resume(&unsent.0.keys());
-                            break;
-                        }
-                        continue;
-                    }
-                    Ok(None) => more = false,
-                    Err(e) => {
-                        self.database_failed("claim", &e);
-                        more = false;
-                        retry_at = Some(Instant::now() + backoff.next_delay());
-                    }
-                }
-            }
-
-            // 2.+3. run in the committer: wait for its next result. Rows
-            // that arrive meanwhile wait for it too and so make the next
-            // claim a larger one: at moderate load one batch in flight at a
-            // time keeps requests and commits few, and latency low.
-            if pipeline.in_flight > 0 {
-                tokio::select! {
-                    done = finished.recv() => match done {
-                        Some(done) => {
-                            more = true;
-                            self.absorb(done, &mut pipeline, &mut backoff);
-                        }
-                        None => break,
-                    },
-                    _ = stop.cancelled() => {},
-                }
-                continue;
-            }
-
-            // Nothing in flight: wait for a retry, a notification or the poll.
-            if let Some(at) = retry_at.take() {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at.into()) => {},
-                    _ = stop.cancelled() => {},
-                }
-            } else if !more {
-                // Keep /healthz green while idle, without dropping the wait.
-                let wait = wakeup.wait();
-                tokio::pin!(wait);
-                loop {
                     tokio::select! {
-                        _ = &mut wait => break,
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => self.health.heartbeat(),
+                        _ = sleep_until(Some(at)) => {},
+                        _ = either.cancelled() => {},
                     }
                 }
+                Next::Idle => {
+                    self.tidy_publishers();
+                    // Rows of a topic set aside are due again at this time.
+                    let due = self
+                        .retries
+                        .next_due(Instant::now())
+                        .map(|at| at.saturating_duration_since(Instant::now()));
+                    let wait = wakeup.wait(due);
+                    tokio::pin!(wait);
+                    // Keep /healthz green while idle, without dropping the wait.
+                    loop {
+                        tokio::select! {
+                            _ = &mut wait => break,
+                            _ = either.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => self.health.heartbeat(),
+                        }
+                    }
+                    pipeline.woken();
+                }
+                Next::Done => break,
             }
-            more = true;
         }
-
         drop(to_commit);
-        if lost.is_cancelled() {
-            // The committer gives up its batches at once (rolling them back)
-            // and hands back their ordering keys.
-            let keys = match (&mut committer.0).await {
-                Ok(keys) => keys,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => PausedKeys::new(),
-            };
-            if pipeline.in_flight > 0 {
-                warn!(
-                    batches = pipeline.in_flight,
-                    "rolled back in-flight claims; the next leader publishes them again"
-                );
-            }
-            self.resume(&keys);
-            info!("relay stopped: leadership lost");
-        } else {
-            self.drain(&mut committer, pipeline.in_flight).await;
+        drop(forward_lost);
+        if end == TermEnd::Stopped {
+            self.publishers.flush_all().await;
             info!("relay stopped");
+        } else {
+            info!(?end, "relay stopped: no longer leading");
         }
-        // A later term (this replica may lead again) starts with every key
-        // resumed, also those of failures not yet booked.
-        let mut paused = pipeline.draining.take().map(|d| d.keys).unwrap_or_default();
-        while let Ok(done) = finished.try_recv() {
-            if let Err(e) = &done.committed {
-                self.database_failed("commit", e);
-            }
-            paused.extend(done.outcome.paused_keys);
-        }
-        self.resume(&paused);
-        Ok(())
+        end
     }
 
-    /// Books a finished batch. A failure (rows left to retry, or a commit
-    /// that did not go through) or a key the client paused starts a drain:
-    /// batches claimed before it may hold later messages of the same keys, so
-    /// nothing new is claimed until they are all finished (they fail fast on
-    /// paused keys); then the keys are resumed and claiming starts again from
-    /// the oldest pending row, which keeps each key in order.
-    fn absorb(&mut self, done: Finished, pipeline: &mut Pipeline, backoff: &mut Backoff) {
-        pipeline.in_flight = pipeline.in_flight.saturating_sub(1);
-        if let Err(e) = &done.committed {
+    /// Books a finished batch: pipeline, claim size and retry memory.
+    fn absorb(&mut self, report: Finished, pipeline: &mut Pipeline) {
+        if let Some(e) = &report.commit_error {
             self.database_failed("commit", e);
         }
-        let failed = done.outcome.retry > 0 || done.committed.is_err();
-        if failed || !done.outcome.paused_keys.is_empty() || pipeline.draining.is_some() {
-            let draining = pipeline.draining.get_or_insert_with(Draining::default);
-            draining.failed |= failed;
-            draining.keys.extend(done.outcome.paused_keys);
-        } else {
-            backoff.reset();
+        if report.end == End::Committed {
+            self.retries.learn(&report.outcome, Instant::now());
         }
+        if report.end != End::GivenUp {
+            self.size.finished(&report.outcome);
+        }
+        if self.publishers.want_renewal() {
+            pipeline.quiesce();
+        }
+        pipeline.finished(&report.outcome, report.end);
+    }
+
+    /// Resumes the keys the client may have paused. Called only when the
+    /// pipeline says nothing is in flight ([`Next::Resume`]).
+    fn resume(&mut self, keys: &PausedKeys, pipeline: &mut Pipeline) {
+        debug_assert_eq!(pipeline.in_flight(), 0);
+        for (topic, key) in keys {
+            self.publishers.resume(topic, key);
+        }
+        self.tidy_publishers();
+    }
+
+    /// Lets go of idle publishers (nothing is in flight when this runs).
+    fn tidy_publishers(&mut self) {
+        let left = self.publishers.tidy(Instant::now());
+        self.metrics.publishers.set(left as i64);
     }
 
     /// A new leader must not claim past rows that a previous leader still
     /// holds locked (a partitioned leader's transaction lingers until the
-    /// server times it out): claims skip locked rows, which would publish a
-    /// key's later rows before its earlier ones. So wait until no other
-    /// session holds row locks on the outbox table.
+    /// server times it out, and a leader's claim that passed its fence just
+    /// before the lock moved is still running): claims skip locked rows,
+    /// which would publish a key's later rows before its earlier ones. So
+    /// wait until no other session holds row locks on the outbox table.
     async fn wait_for_previous_claims(&self, stop: &CancellationToken) {
         let started = Instant::now();
         let mut reported = false;
@@ -392,137 +438,61 @@ impl Relay {
         }
     }
 
-    /// Stage 1: claim a batch and hand its rows to the publisher.
-    async fn claim(&mut self) -> Result<Option<Batch>, sqlx::Error> {
-        // Rows up to this size come with the claim; the claim then holds at
-        // most about `batch_bytes` of payloads. Larger ones are read one by one.
-        let inline_bytes = (self.config.batch_bytes / self.claim_limit.max(1) as usize)
-            .clamp(1024, i32::MAX as usize) as i32;
-        let mut tx = self.pool.begin().await?;
-        let rows = self
-            .store
-            .claim(&mut tx, self.claim_limit, inline_bytes)
-            .await?;
-        self.health.ok(Component::Database);
-        if rows.is_empty() {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        let span = info_span!("batch", rows = rows.len(), first_id = rows[0].id);
-        let full = rows.len() as i64 >= self.claim_limit;
-        self.metrics.batch_size.observe(rows.len() as f64);
-
-        let mut batch = Batch {
-            tx,
-            entries: Vec::with_capacity(rows.len()),
-            claimed_at: Instant::now(),
-            full,
-            bytes: 0,
-        };
-        let published = async {
-            // Payload bytes read one by one and not yet acknowledged.
-            let mut large_pending = 0usize;
-            for mut row in rows {
-                let large = row.payload.is_none();
-                if large {
-                    // Bound memory: once about `batch_bytes` of large payloads
-                    // are out, wait for Pub/Sub before reading more.
-                    if large_pending >= self.config.batch_bytes {
-                        let deadline = self.config.publish_timeout + Duration::from_secs(5);
-                        if tokio::time::timeout(deadline, batch.settle()).await.is_err() {
-                            // Pub/Sub hangs: publish no more of this claim.
-                            // The rest stays pending, and the rows in flight
-                            // count as failed, so the relay drains and retries.
-                            batch.abandon_pending("no answer from Pub/Sub in time");
-                            warn!("Pub/Sub did not answer for large payloads; retrying the claim later");
-                            break;
+    /// Closes the claim gate once (see [`claim`]): returns when every claim
+    /// of a previous leader has ended, with the gate's key; `None` if `stop`
+    /// came first.
+    async fn close_claim_gate(&self, stop: &CancellationToken) -> Option<i64> {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
+        let mut reported = false;
+        while !stop.is_cancelled() {
+            self.health.heartbeat();
+            let closed = async {
+                let gate = self.store.claim_gate(&self.pool).await?;
+                let closed = self
+                    .store
+                    .close_claim_gate(&self.pool, gate, Duration::from_secs(1))
+                    .await?;
+                Ok::<_, sqlx::Error>(closed.then_some(gate))
+            };
+            let delay = tokio::select! {
+                closed = closed => match closed {
+                    Ok(Some(gate)) => {
+                        if reported {
+                            info!(waited_ms = started.elapsed().as_millis() as u64, "previous leader's claims ended");
                         }
-                        large_pending = 0;
+                        return Some(gate);
                     }
-                    let payload = self.store.fetch_payload(&mut batch.tx, row.id).await?;
-                    large_pending += payload.len();
-                    row.payload = Some(payload);
-                }
-                let entry = match prepare(&row, &self.config.topic) {
-                    Ok(prepared) => {
-                        batch.bytes += prepared.bytes;
-                        let ordering_key = prepared.message.ordering_key.clone();
-                        let future = self.publishers.get(&prepared.topic).publish(prepared.message);
-                        Entry {
-                            id: row.id,
-                            topic: Some(prepared.topic),
-                            own_topic: prepared.own_topic,
-                            ordering_key,
-                            age_at_claim: row.age_at_claim,
-                            state: State::Pending(future),
+                    Ok(None) => {
+                        if !reported {
+                            warn!("waiting for a previous leader's claims to end");
+                            reported = true;
                         }
+                        Duration::ZERO
                     }
-                    Err(reason) => {
-                        warn!(id = row.id, %reason, "row cannot be published; moving it to the dead-letter table");
-                        Entry {
-                            id: row.id,
-                            topic: None,
-                            own_topic: false,
-                            ordering_key: String::new(),
-                            age_at_claim: row.age_at_claim,
-                            state: State::Dead(reason),
-                        }
+                    Err(e) => {
+                        self.database_failed("claim gate", &e);
+                        backoff.next_delay()
                     }
-                };
-                batch.entries.push(entry);
+                },
+                _ = stop.cancelled() => return None,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {},
+                _ = stop.cancelled() => return None,
             }
-            Ok::<_, sqlx::Error>(())
         }
-        .instrument(span)
-        .await;
-        if let Err(e) = published {
-            // The claim rolls back and the rows are published again later. A
-            // key the client paused meanwhile must not stay paused.
-            self.resume(&batch.keys());
-            return Err(e);
-        }
-        self.adapt_claim_limit(&batch);
-        Ok(Some(batch))
-    }
-
-    /// Shrinks the claim when rows are large, grows it back when they are not.
-    fn adapt_claim_limit(&mut self, batch: &Batch) {
-        let rows = batch.entries.len().max(1);
-        let per_row = (batch.bytes / rows).max(1);
-        let fits = (self.config.batch_bytes / per_row).max(1) as i64;
-        self.claim_limit = fits.min(i64::from(self.config.batch_size.max(1)));
-    }
-
-    fn resume(&mut self, keys: &PausedKeys) {
-        for (topic, key) in keys {
-            self.publishers.get(topic).resume_publish(key.clone());
-        }
+        None
     }
 
     fn database_failed(&self, stage: &str, error: &sqlx::Error) {
         self.metrics.db_errors.inc();
+        if matches!(error, sqlx::Error::PoolTimedOut) {
+            self.metrics.pool_timeouts.inc();
+        }
         self.health
             .failing(Component::Database, format!("{stage} failed: {error}"));
         warn!(stage, %error, "database operation failed; will retry");
-    }
-
-    /// On shutdown: let the committer finish what is in flight within the
-    /// shutdown timeout; whatever is left is rolled back (by aborting the
-    /// committer, which drops its batches) and published again by the next run.
-    async fn drain(&mut self, committer: &mut AbortOnDrop, in_flight: usize) {
-        if in_flight > 0 {
-            info!(batches = in_flight, "finishing in-flight batches");
-        }
-        let timeout = self.config.shutdown_timeout;
-        match tokio::time::timeout(timeout, &mut committer.0).await {
-            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Ok(_) => {}
-            Err(_) => {
-                warn!("shutdown timeout reached; releasing the rest for the next run");
-                committer.0.abort();
-            }
-        }
-        self.publishers.flush_all().await;
     }
 
     /// Waits until the tables exist with the expected columns.
@@ -533,32 +503,16 @@ impl Relay {
     }
 }
 
-/// What the claiming loop knows about the batches it handed to the committer.
-#[derive(Default)]
-struct Pipeline {
-    /// Batches claimed and not yet finished.
-    in_flight: usize,
-    /// Set after a failure: claim nothing until the pipeline is empty.
-    draining: Option<Draining>,
-}
-
-impl Pipeline {
-    fn has_room(&self, depth: usize) -> bool {
-        self.draining.is_none() && self.in_flight < depth
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
-/// Keys to resume and whether to back off once the pipeline is drained.
-#[derive(Default)]
-struct Draining {
-    keys: PausedKeys,
-    /// Rows were left to retry or a commit failed (not only a dead letter).
-    failed: bool,
-}
-
-/// Aborts the committer task if the relay loop is dropped, so its batches
-/// roll back instead of finishing behind the caller's back.
-struct AbortOnDrop(JoinHandle<PausedKeys>);
+/// Aborts a task when dropped, so that the committer's batches roll back
+/// instead of finishing behind the relay's back.
+struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -26,7 +26,12 @@ pub struct OutboxStore {
     delete: String,
     delete_and_dead_letter: String,
     backlog: String,
+    oldest_age: String,
 }
+
+/// High half of the claim gate's advisory lock key ("obc"); the election
+/// lock uses "obr" (see `leader::postgres`).
+const CLAIM_GATE_SPACE: i64 = 0x6f_62_63;
 
 /// Errors that name the table involved.
 pub use crate::db::ShapeError as StoreError;
@@ -43,7 +48,8 @@ impl OutboxStore {
                         CASE WHEN octet_length(payload) <= $2 THEN payload END AS payload, \
                         ordering_key, attributes, topic, \
                         EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS age \
-                 FROM {t} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                 FROM {t} WHERE topic IS NULL OR topic <> ALL($3) \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             ),
             fetch_payload: format!("SELECT payload FROM {t} WHERE id = $1"),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
@@ -55,7 +61,11 @@ impl OutboxStore {
                  FROM gone g JOIN unnest($2::bigint[], $3::text[]) AS e(id, error) ON g.id = e.id \
                  ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, dead_lettered_at = EXCLUDED.dead_lettered_at"
             ),
-            backlog: format!("SELECT count(*) FROM {t}"),
+            backlog: crate::probe::capped_count(&t, None),
+            oldest_age: format!(
+                "SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 \
+                 FROM {t} ORDER BY id LIMIT 1"
+            ),
             table,
             dead_letter,
         })
@@ -74,10 +84,11 @@ impl OutboxStore {
         crate::db::check_columns(pool, &tables, "outbox").await
     }
 
-    /// Locks and reads up to `limit` pending rows, oldest first. Payloads
-    /// larger than `inline_bytes` come back as `None` and are read with
-    /// [`Self::fetch_payload`] just before publishing, so that a batch never
-    /// holds many large payloads at once.
+    /// Locks and reads up to `limit` pending rows, oldest first, leaving out
+    /// rows routed to `set_aside` topics (as written in the `topic` column).
+    /// Payloads larger than `inline_bytes` come back as `None` and are read
+    /// with [`Self::fetch_payload`] just before publishing, so that a batch
+    /// never holds many large payloads at once.
     ///
     /// Always from the oldest row: ids are taken at insert, not at commit, so
     /// a row can become visible below rows already claimed. Starting above
@@ -88,6 +99,7 @@ impl OutboxStore {
         conn: &mut PgConnection,
         limit: i64,
         inline_bytes: i32,
+        set_aside: &[String],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         // Streamed and converted row by row, so the raw rows of a whole
         // claim are never held next to their converted copies.
@@ -95,6 +107,7 @@ impl OutboxStore {
         let mut stream = sqlx::query(AssertSqlSafe(self.claim.as_str()))
             .bind(limit)
             .bind(inline_bytes)
+            .bind(set_aside)
             .fetch(conn);
         while let Some(r) = stream.try_next().await? {
             rows.push(OutboxRow {
@@ -156,11 +169,70 @@ impl OutboxStore {
         Ok(())
     }
 
-    /// Backends of other sessions that hold row locks (claims) on the outbox.
+    /// The key of this table's claim gate, an advisory lock (see
+    /// [`Self::enter_claim_gate`]): "obc" in the high half, the table's OID in
+    /// the low half (advisory locks are per database, like OIDs).
+    pub async fn claim_gate(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
+        let oid: i64 = sqlx::query_scalar("SELECT $1::regclass::oid::bigint")
+            .bind(self.table.quoted())
+            .fetch_one(pool)
+            .await?;
+        Ok((CLAIM_GATE_SPACE << 32) | oid)
+    }
+
+    /// Every claim passes the gate first: it holds the gate shared until it
+    /// ends, so claims of one leader never wait for each other.
+    pub async fn enter_claim_gate(
+        &self,
+        conn: &mut PgConnection,
+        gate: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(gate)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A new leader closes the gate once before its first claim: taking it
+    /// exclusively waits until every claim that passed it (a previous
+    /// leader's) has ended, and a previous leader's next claim waits behind
+    /// it and then fails its leadership check. `Ok(false)`: still waiting
+    /// after `wait` (call again).
+    pub async fn close_claim_gate(
+        &self,
+        pool: &PgPool,
+        gate: i64,
+        wait: std::time::Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let ms = wait.as_millis().max(1);
+        sqlx::query(AssertSqlSafe(format!("SET LOCAL lock_timeout = {ms}")))
+            .execute(&mut *tx)
+            .await?;
+        match sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(gate)
+            .execute(&mut *tx)
+            .await
+        {
+            Ok(_) => {
+                tx.commit().await?;
+                Ok(true)
+            }
+            // 55P03: lock_timeout.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Backends of other sessions that hold row locks (claims) on the outbox
+    /// table of this database (relation OIDs repeat across databases, e.g.
+    /// in one created from another as its template).
     pub async fn other_claimers(&self, pool: &PgPool) -> Result<Vec<i32>, sqlx::Error> {
         sqlx::query_scalar(
             "SELECT DISTINCT pid FROM pg_locks \
              WHERE locktype = 'relation' AND relation = $1::regclass \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                AND mode = 'RowShareLock' AND granted AND pid <> pg_backend_pid()",
         )
         .bind(self.table.quoted())
@@ -168,15 +240,12 @@ impl OutboxStore {
         .await
     }
 
-    /// The SQL of [`Self::backlog`], for the readiness probe.
-    pub fn backlog_query(&self) -> String {
-        self.backlog.clone()
-    }
-
-    /// Pending rows, for the backlog gauge.
-    pub async fn backlog(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(AssertSqlSafe(self.backlog.as_str()))
-            .fetch_one(pool)
-            .await
+    /// What the probe measures: pending rows (exact up to a cap, an estimate
+    /// beyond) and the age of the oldest pending row.
+    pub fn probe_queries(&self) -> crate::probe::ProbeQueries {
+        crate::probe::ProbeQueries {
+            backlog: self.backlog.clone(),
+            oldest_age: self.oldest_age.clone(),
+        }
     }
 }

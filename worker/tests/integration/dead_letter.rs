@@ -94,11 +94,7 @@ async fn unpublishable_rows_are_dead_lettered_and_the_rest_flow() {
     let good_ids: Vec<_> = ids.iter().step_by(2).copied().collect();
     assert_eq!(assert_all_arrived(&good_ids[..bad.len() + 1], &received), 0);
 
-    let dead: Vec<(uuid::Uuid, String)> =
-        sqlx::query_as("SELECT message_id, error FROM outbox_dead_letter ORDER BY id")
-            .fetch_all(&env.pool)
-            .await
-            .expect("dead letters");
+    let dead = env.dead_letters().await;
     assert_eq!(dead.len(), bad.len(), "{dead:#?}");
     for (i, ((id, error), (_, expected))) in dead.iter().zip(&bad).enumerate() {
         assert_eq!(*id, ids[2 * i + 1]);

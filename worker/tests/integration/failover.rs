@@ -5,20 +5,6 @@ use crate::harness::*;
 use devkit::{WorkerProcess, wait_for};
 use std::time::{Duration, Instant};
 
-/// Fast election timings for tests (the defaults are 15s / 10s / 2s).
-fn fast() -> Vec<(&'static str, String)> {
-    vec![
-        ("LEASE_DURATION", "4s".to_owned()),
-        ("RENEW_DEADLINE", "3s".to_owned()),
-        ("RETRY_PERIOD", "500ms".to_owned()),
-        ("PUBLISH_TIMEOUT", "3s".to_owned()),
-    ]
-}
-
-async fn is_leader(relay: &WorkerProcess) -> bool {
-    relay.metric("outbox_is_leader").await == Some(1.0)
-}
-
 async fn published(relay: &WorkerProcess) -> f64 {
     relay
         .metric("outbox_messages_published_total")
@@ -68,8 +54,8 @@ async fn kill_9_of_the_leader_fails_over_to_the_standby() {
         "9s",
     ];
     let mut relays = [
-        env.spawn_relay_with(&args, &fast()),
-        env.spawn_relay_with(&args, &fast()),
+        env.spawn_relay_with(&args, &fast_election()),
+        env.spawn_relay_with(&args, &fast_election()),
     ];
     let (leader, standby) = elected(&relays).await;
     relays[standby]
@@ -121,8 +107,8 @@ async fn kill_9_of_the_leader_fails_over_to_the_standby() {
 async fn sigterm_of_the_leader_hands_over_at_once() {
     let env = TestEnv::new("failover_term").await;
     let mut relays = [
-        env.spawn_relay_with(&[], &fast()),
-        env.spawn_relay_with(&[], &fast()),
+        env.spawn_relay_with(&[], &fast_election()),
+        env.spawn_relay_with(&[], &fast_election()),
     ];
     let (leader, standby) = elected(&relays).await;
     let producer = produce(&env, 0, 20_000, 10);
@@ -177,7 +163,7 @@ async fn partitioned_leader_steps_down_and_comes_back_as_standby() {
 
     // The first relay goes through the proxy and becomes leader; the second
     // connects directly and stands by.
-    let mut env_a = fast();
+    let mut env_a = fast_election();
     env_a.push(("DATABASE_URL", proxied_url));
     let a = env.spawn_relay_with(&["--batch-size", "100"], &env_a);
     wait_for("relay A to lead", WAIT, || async {
@@ -185,7 +171,7 @@ async fn partitioned_leader_steps_down_and_comes_back_as_standby() {
     })
     .await
     .expect("A leads");
-    let b = env.spawn_relay_with(&["--batch-size", "100"], &fast());
+    let b = env.spawn_relay_with(&["--batch-size", "100"], &fast_election());
     b.wait_ready(WAIT).await.expect("B ready");
 
     let mut ids = insert(&env.pool, &numbered(0, 20_000, 10)).await;
@@ -259,8 +245,8 @@ async fn ten_kill_restart_cycles_lose_nothing() {
     let env = TestEnv::new("failover_cycles").await;
     let args = ["--batch-size", "100"];
     let mut relays = [
-        env.spawn_relay_with(&args, &fast()),
-        env.spawn_relay_with(&args, &fast()),
+        env.spawn_relay_with(&args, &fast_election()),
+        env.spawn_relay_with(&args, &fast_election()),
     ];
     let producer = produce(&env, 0, 30_000, 10);
     for cycle in 0..10 {
@@ -272,7 +258,7 @@ async fn ten_kill_restart_cycles_lose_nothing() {
         .await
         .expect("leader publishes");
         relays[leader].kill().expect("kill -9");
-        relays[leader] = env.spawn_relay_with(&args, &fast());
+        relays[leader] = env.spawn_relay_with(&args, &fast_election());
         println!("cycle {cycle}: killed relay {leader} and started a new one");
     }
     let ids = producer.await.expect("producer");

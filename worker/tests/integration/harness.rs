@@ -200,6 +200,14 @@ impl TestEnv {
         duplicates
     }
 
+    /// The dead-letter table: (message id, error), in id order.
+    pub async fn dead_letters(&self) -> Vec<(Uuid, String)> {
+        sqlx::query_as("SELECT message_id, error FROM outbox_dead_letter ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .expect("dead letters")
+    }
+
     /// Waits until the outbox is empty.
     pub async fn wait_drained(&self) {
         devkit::wait_for("the outbox to drain", WAIT, || async {
@@ -237,8 +245,13 @@ pub async fn create_topic_and_subscription(
         .expect("create subscription");
 }
 
+/// The `outbox-worker` binary under test: this build's, or the one
+/// `OUTBOX_WORKER_BIN` names (e.g. an earlier build, to show that a test
+/// fails without a fix).
 pub fn worker_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_outbox-worker"))
+    std::env::var_os("OUTBOX_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_outbox-worker")))
 }
 
 /// Worker logs are kept under target/ for post-mortems.
@@ -319,8 +332,17 @@ pub fn assert_all_arrived(expected: &[Uuid], received: &[devkit::Received]) -> u
 /// Per ordering key, the sequence numbers (payload `k:seq`) must never go
 /// backwards, ignoring redeliveries of something already seen.
 pub fn assert_per_key_order(received: &[devkit::Received]) {
+    if let Some((key, seq, prev)) = order_breaks(received).first() {
+        panic!("key {key:?}: message {seq} arrived after {prev}");
+    }
+}
+
+/// Every (key, sequence number, the higher one before it) where a message
+/// arrived (for the first time) after a later one of its key.
+pub fn order_breaks(received: &[devkit::Received]) -> Vec<(String, i64, i64)> {
     let mut last: std::collections::HashMap<&str, i64> = Default::default();
     let mut seen = std::collections::HashSet::new();
+    let mut breaks = Vec::new();
     for m in received {
         if !seen.insert(m.message_id.clone()) {
             continue;
@@ -331,13 +353,27 @@ pub fn assert_per_key_order(received: &[devkit::Received]) {
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("unexpected payload {text}"));
-        let prev = last.insert(m.ordering_key.as_str(), seq);
-        if let Some(prev) = prev {
-            assert!(
-                prev < seq,
-                "key {:?}: message {seq} arrived after {prev}",
-                m.ordering_key
-            );
+        let prev = last.entry(m.ordering_key.as_str()).or_insert(seq);
+        if seq < *prev {
+            breaks.push((m.ordering_key.clone(), seq, *prev));
+        } else {
+            *prev = seq;
         }
     }
+    breaks
+}
+
+/// Fast election timings for tests (the defaults are 15s / 10s / 2s).
+pub fn fast_election() -> Vec<(&'static str, String)> {
+    vec![
+        ("LEASE_DURATION", "4s".to_owned()),
+        ("RENEW_DEADLINE", "3s".to_owned()),
+        ("RETRY_PERIOD", "500ms".to_owned()),
+        ("PUBLISH_TIMEOUT", "3s".to_owned()),
+    ]
+}
+
+/// Whether a relay says it leads.
+pub async fn is_leader(relay: &devkit::WorkerProcess) -> bool {
+    relay.metric("outbox_is_leader").await == Some(1.0)
 }

@@ -124,5 +124,7 @@ pub fn quick_config() -> ProcessorConfig {
     config.retry_min = Duration::from_millis(50);
     config.retry_max = Duration::from_millis(200);
     config.poll_interval = Duration::from_millis(20);
+    config.handler_timeout = Duration::from_secs(1);
+    config.max_batch_bytes = 8 * 1024 * 1024;
     config
 }

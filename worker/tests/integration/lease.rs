@@ -12,7 +12,7 @@ use outbox_worker::leader::{Leadership, Timings};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -104,12 +104,15 @@ impl FakeApiServer {
         }
     }
 
-    /// A client whose requests fail with 503 while `cut` is set.
-    fn client(&self, cut: Arc<AtomicBool>) -> kube::Client {
+    /// A client whose requests fail with 503 while `cut` is set, and whose
+    /// writes are answered `delay_ms` after they took effect (a slow or
+    /// congested API server).
+    fn client(&self, cut: Arc<AtomicBool>, delay_ms: Arc<AtomicU64>) -> kube::Client {
         let api = self.clone();
         let service = tower::service_fn(move |req: Request<kube::client::Body>| {
             let api = api.clone();
             let cut = cut.clone();
+            let delay_ms = delay_ms.clone();
             async move {
                 let (parts, body) = req.into_parts();
                 let bytes = body
@@ -126,6 +129,10 @@ impl FakeApiServer {
                 } else {
                     api.handle(&parts.method, parts.uri.path(), &bytes)
                 };
+                let delay = delay_ms.load(Ordering::SeqCst);
+                if delay > 0 && parts.method == Method::PUT {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
                 let mut response = Response::new(Full::new(bytes::Bytes::from(value.to_string())));
                 *response.status_mut() = code;
                 response.headers_mut().insert(
@@ -167,11 +174,13 @@ struct Candidate {
     release: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     cut: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 fn candidate(api: &FakeApiServer, identity: &str) -> Candidate {
     let cut = Arc::new(AtomicBool::new(false));
-    let leases: Api<Lease> = Api::namespaced(api.client(cut.clone()), NS);
+    let delay_ms = Arc::new(AtomicU64::new(0));
+    let leases: Api<Lease> = Api::namespaced(api.client(cut.clone(), delay_ms.clone()), NS);
     let release = CancellationToken::new();
     let elector = LeaseElector::new(leases, NAME.to_owned(), identity.to_owned(), timings());
     let (leadership, task) = elector.spawn(release.clone());
@@ -180,6 +189,7 @@ fn candidate(api: &FakeApiServer, identity: &str) -> Candidate {
         release,
         task,
         cut,
+        delay_ms,
     }
 }
 
@@ -187,7 +197,7 @@ async fn until(what: &str, mut leadership: Leadership, leading: bool) -> Duratio
     let started = Instant::now();
     tokio::time::timeout(
         Duration::from_secs(10),
-        leadership.wait_for(|l| *l == leading),
+        leadership.wait_for(|l| l.is_some() == leading),
     )
     .await
     .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
@@ -215,7 +225,10 @@ async fn acquires_a_missing_lease_and_renews_it() {
     .expect("renewed");
     let lease = api.lease().expect("lease");
     assert_ne!(lease["metadata"]["resourceVersion"], version);
-    assert!(*a.leadership.borrow(), "still leading after renewals");
+    assert!(
+        a.leadership.borrow().is_some(),
+        "still leading after renewals"
+    );
 }
 
 #[tokio::test]
@@ -255,7 +268,10 @@ async fn a_leader_that_cannot_renew_steps_down_before_anyone_takes_over() {
     // When A reaches the API again it finds B's lease and stays a standby.
     a.cut.store(false, Ordering::SeqCst);
     tokio::time::sleep(timings().lease_duration).await;
-    assert!(!*a.leadership.borrow(), "A came back as a second leader");
+    assert!(
+        !a.leadership.borrow().is_some(),
+        "A came back as a second leader"
+    );
     assert_eq!(api.holder(), "pod-b");
 }
 
@@ -287,7 +303,10 @@ async fn candidates_racing_for_one_lease_never_both_lead() {
     let started = Instant::now();
     let mut saw_leader = false;
     while started.elapsed() < Duration::from_secs(3) {
-        let leading = candidates.iter().filter(|c| *c.leadership.borrow()).count();
+        let leading = candidates
+            .iter()
+            .filter(|c| c.leadership.borrow().is_some())
+            .count();
         assert!(leading <= 1, "{leading} leaders at once");
         saw_leader |= leading == 1;
         // Kill the current leader once to force another race.
@@ -296,7 +315,7 @@ async fn candidates_racing_for_one_lease_never_both_lead() {
             && !candidates.iter().any(|c| c.task.is_finished());
         if let (true, Some(c)) = (
             first_race_over,
-            candidates.iter().find(|c| *c.leadership.borrow()),
+            candidates.iter().find(|c| c.leadership.borrow().is_some()),
         ) {
             c.release.cancel();
         }
@@ -305,4 +324,47 @@ async fn candidates_racing_for_one_lease_never_both_lead() {
     assert!(saw_leader, "nobody acquired the lease");
     let holder = api.holder();
     assert!(holder.starts_with("pod-"), "holder {holder:?}");
+}
+
+/// The instant `leadership` next becomes `leading`.
+fn when(mut leadership: Leadership, leading: bool) -> tokio::task::JoinHandle<Instant> {
+    tokio::spawn(async move {
+        let _ = leadership.wait_for(|l| l.is_some() == leading).await;
+        Instant::now()
+    })
+}
+
+/// The API server applies the leader's renewals at once but answers them
+/// 800 ms later; after one such renewal the leader is cut off. A standby may take over one
+/// lease duration (1.5 s) after the renewal took effect; the leader must
+/// stop leading one renew deadline (1 s) after it *sent* that renewal, not
+/// after the slow answer came back (which would be 1.8 s: two leaders).
+#[tokio::test]
+async fn a_slow_api_server_does_not_stretch_the_renew_deadline() {
+    let api = FakeApiServer::default();
+    let a = candidate(&api, "pod-a");
+    until("a leads", a.leadership.clone(), true).await;
+    let b = candidate(&api, "pod-b");
+    let a_steps_down = when(a.leadership.clone(), false);
+    let b_leads = when(b.leadership.clone(), true);
+    a.delay_ms.store(800, Ordering::SeqCst);
+    // The next renewal takes effect now; its answer is on its way for 800 ms.
+    let version = |api: &FakeApiServer| {
+        api.lease()
+            .and_then(|l| l["metadata"]["resourceVersion"].as_str().map(str::to_owned))
+    };
+    let before = version(&api);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while version(&api) == before {
+        assert!(Instant::now() < deadline, "no renewal within 5 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    a.cut.store(true, Ordering::SeqCst);
+    let a_down = a_steps_down.await.expect("a steps down");
+    let b_up = b_leads.await.expect("b leads");
+    assert!(
+        a_down < b_up,
+        "two leaders for {:?}: A stepped down after B took over",
+        a_down - b_up
+    );
 }

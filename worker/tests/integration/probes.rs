@@ -1,6 +1,8 @@
 //! Test 7: the HTTP endpoints answer and the counters match what was delivered;
 //! a missing own topic makes the relay not ready without dead-lettering.
 
+use std::time::Duration;
+
 use crate::harness::*;
 use devkit::wait_for;
 
@@ -127,4 +129,73 @@ async fn logs_are_json_and_never_show_the_password() {
             "{line}"
         );
     }
+}
+
+/// The backlog probe on a large outbox (5 million rows) (the relay catching up after an
+/// outage): an exact `count(*)` of millions of rows outlives the probe's
+/// timeout, and the server keeps running it on a pooled connection after the
+/// client gave up, so probes pile up exactly while the relay needs its
+/// connections. Every probe statement must be bounded on the server, and the
+/// lag users alert on (the oldest pending row's age) must be exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_probe_is_bounded_on_the_server() {
+    let (env, _pg, emulator) = TestEnv::isolated("probe_bound").await;
+    sqlx::query(
+        "INSERT INTO outbox (payload, created_at) \
+         SELECT 'x', clock_timestamp() - interval '1 hour' FROM generate_series(1, 5000000)",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("a large backlog");
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&env.pool)
+        .await
+        .expect("vacuum");
+    // A database that counts with one process (as many are configured),
+    // so that an exact count takes a while.
+    let db = env
+        .database_url
+        .rsplit('/')
+        .next()
+        .expect("database")
+        .to_owned();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{db}\" SET max_parallel_workers_per_gather = 0"
+    )))
+    .execute(&env.pool)
+    .await
+    .expect("no parallel scans");
+    // Pub/Sub frozen: the relay holds its claims and the backlog stays.
+    emulator.pause().expect("SIGSTOP emulator");
+    let relay = env.spawn_relay_with(&[], &[("PROBE_INTERVAL", "50ms".to_owned())]);
+    let mut longest = Duration::ZERO;
+    for _ in 0..50 {
+        let running: Option<f64> = sqlx::query_scalar(
+            "SELECT max(EXTRACT(EPOCH FROM clock_timestamp() - query_start))::float8 \
+             FROM pg_stat_activity WHERE application_name LIKE 'outbox-worker%' \
+               AND state = 'active' AND query NOT LIKE '%FOR UPDATE%' AND query NOT LIKE 'LISTEN%'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .expect("activity");
+        longest = longest.max(Duration::from_secs_f64(running.unwrap_or(0.0)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let age = relay.metric("outbox_oldest_pending_age_seconds").await;
+    let backlog = relay.metric("outbox_backlog").await;
+    emulator.resume().expect("SIGCONT emulator");
+    assert!(
+        longest < Duration::from_millis(100),
+        "a probe statement ran for {longest:?} with a 50 ms probe interval\n{}",
+        relay.log()
+    );
+    let age = age.expect("outbox_oldest_pending_age_seconds is exported");
+    assert!(
+        (3_500.0..3_700.0).contains(&age),
+        "oldest pending age {age}"
+    );
+    assert!(
+        backlog.is_some_and(|b| b >= 100_000.0),
+        "backlog {backlog:?}"
+    );
 }
