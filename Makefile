@@ -6,7 +6,7 @@ CARGO ?= cargo
 VENV ?= $(CURDIR)/.venv
 export VENV
 
-.PHONY: help demo test test-rust test-python prereqs lint fmt crds bench build
+.PHONY: help demo test test-rust test-python test-soak prereqs lint fmt crds bench soak build
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -19,7 +19,7 @@ demo: ## Run producer -> outbox -> relay -> Pub/Sub -> inbox -> consumer on thro
 	$(CARGO) build --release -q -p worker -p devkit
 	target/release/outbox-demo $(DEMO_ARGS)
 
-test: prereqs test-rust test-python ## Run every test (starts its own PostgreSQL and emulator)
+test: prereqs test-rust test-python test-soak ## Run every test, then a 2-minute soak (starts its own PostgreSQL and emulator)
 
 test-rust:
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --test-threads 2
@@ -28,6 +28,13 @@ test-python:
 	$(CARGO) build -q -p operator --bin outbox-operator
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator operator/tests/python/run.sh
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator charts/tests/run.sh
+
+# The short soak CI runs: a fixed seed, so that a failure reruns the same way
+# (`make soak SOAK_ARGS="--seed 11 --duration 2m"`).
+CI_SOAK_ARGS ?= --duration 2m --seed 11 --report target/soak/ci-report.json
+test-soak:
+	$(CARGO) build --release -q -p worker -p devkit
+	target/release/outbox-soak $(CI_SOAK_ARGS)
 
 lint: ## rustfmt and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check
@@ -43,6 +50,11 @@ bench: ## Relay and inbox throughput/latency vs. the database and Pub/Sub ceilin
 	scripts/prereqs.sh no-python
 	$(CARGO) build --release -q -p worker -p devkit
 	target/release/outbox-bench $(BENCH_ARGS)
+
+soak: ## Chaos soak: 10 min at 1,000 transactions/s with faults, report in target/soak/ (docs/soak.md; SOAK_ARGS="--seed 7")
+	scripts/prereqs.sh no-python
+	$(CARGO) build --release -q -p worker -p devkit
+	target/release/outbox-soak $(SOAK_ARGS)
 
 build: ## Release build of both binaries
 	$(CARGO) build --release -p worker -p operator

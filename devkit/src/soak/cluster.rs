@@ -1,7 +1,7 @@
 //! The system under test, as a user would run it: PostgreSQL, the Pub/Sub
 //! emulator, two relay replicas electing a leader through PostgreSQL (each
 //! behind its own links, so that one can be partitioned or slowed down),
-//! the inbox worker, two application processors, and audit subscribers on
+//! the inbox worker, four application processors, and audit subscribers on
 //! every topic. Faults act on it through the operations here.
 
 use anyhow::Context;
@@ -38,6 +38,8 @@ pub const RELAY_ENV: [(&str, &str); 9] = [
     ("PROBE_INTERVAL", "1s"),
     ("RUST_LOG", "info"),
 ];
+/// Application processors (each a connection running one batch at a time).
+pub const PROCESSORS: usize = 4;
 /// Rows in flight per relay at most (batch size 5,000 × pipeline depth 2):
 /// the duplicates one fault may cause.
 pub const IN_FLIGHT_BOUND: usize = 10_000;
@@ -89,7 +91,7 @@ impl Cluster {
     /// Starts everything and waits until a relay leads and the inbox is ready.
     pub async fn start(worker_bin: PathBuf, log_dir: PathBuf) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(&log_dir)?;
-        let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start())?;
+        let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start_for_long_runs())?;
         let database_url = pg.create_database("soak").await?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(40)
@@ -131,7 +133,7 @@ impl Cluster {
                 Collector::without_data(endpoint.clone(), audit_subscription(id), streams);
             cluster.audits.push((id.to_owned(), collector));
         }
-        cluster.start_processors(2);
+        cluster.start_processors(PROCESSORS);
         crate::wait_for("a relay to lead", Duration::from_secs(60), || async {
             cluster.leader().await
         })
@@ -197,7 +199,7 @@ impl Cluster {
     /// sequence number into `soak_processed`, in the message's transaction.
     fn start_processors(&self, n: usize) {
         let mut config = ProcessorConfig::new("inbox".parse().expect("a valid table name"));
-        config.batch_size = 200;
+        config.batch_size = 500;
         config.poll_interval = Duration::from_millis(50);
         config.retry_min = Duration::from_millis(100);
         config.retry_max = Duration::from_secs(2);
@@ -214,19 +216,6 @@ impl Cluster {
     /// Stops the processors.
     pub fn stop_processors(&self) {
         self.processors.cancel();
-    }
-
-    /// Pids of the workers running now, by name, for memory sampling.
-    pub fn worker_pids(&self) -> Vec<(String, u32)> {
-        let mut pids: Vec<(String, u32)> = self
-            .replicas
-            .iter()
-            .filter_map(|r| Some((format!("{}#{}", r.name, r.generation), r.process.pid()?)))
-            .collect();
-        if let Some(pid) = self.inbox.pid() {
-            pids.push(("inbox".to_owned(), pid));
-        }
-        pids
     }
 }
 
@@ -267,6 +256,7 @@ fn spawn_inbox(
         ("DATABASE_URL", database_url.to_owned()),
         ("PUBSUB_SUBSCRIPTION", inbox_subscription()),
         ("PUBSUB_EMULATOR_HOST", emulator_host.to_owned()),
+        ("INBOX_STREAMS", "2".to_owned()),
         ("RETRY_MAX", "2s".to_owned()),
         ("PROBE_INTERVAL", "1s".to_owned()),
         ("RUST_LOG", "info".to_owned()),

@@ -133,16 +133,6 @@ pub struct Losses {
     pub inbox: HashSet<String>,
 }
 
-impl Losses {
-    /// How many, in all.
-    pub fn total(&self) -> (usize, usize) {
-        (
-            self.audit.values().map(HashSet::len).sum(),
-            self.inbox.len(),
-        )
-    }
-}
-
 /// Injects `fault` and returns once it is over (not yet recovered from).
 pub async fn inject(
     cluster: &mut Cluster,

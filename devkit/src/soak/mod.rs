@@ -94,7 +94,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<Report> {
     let mut records = Vec::new();
     let mut used = 0;
 
-    progress_until(&cluster, &watch, &load, started, started + settings.warm_up).await;
+    let warm_up = settings.warm_up.min(settings.duration);
+    progress_until(&cluster, &watch, &load, started, started + warm_up).await;
     for fault in &schedule {
         let left = settings.duration.saturating_sub(started.elapsed());
         if left < Duration::from_secs(fault.hold_s) + Duration::from_secs(10) {
@@ -240,11 +241,15 @@ async fn progress_until(
 
 /// Waits until a relay leads and the oldest pending row is under a second
 /// old; returns when (seconds since the start), or `None` after `limit`.
+/// Poison rows do not count: a row its topic refuses waits out its
+/// publish attempts (seconds) before it is dead-lettered, by design.
 async fn recover(cluster: &Cluster, started: Instant, limit: Duration) -> Option<f64> {
     crate::wait_for("the relay to catch up", limit, || async {
         cluster.leader().await?;
         let lag: Option<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 FROM outbox ORDER BY id LIMIT 1",
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - o.created_at)::float8 \
+             FROM outbox o JOIN soak_committed c USING (message_id) \
+             WHERE c.poison IS NULL ORDER BY o.id LIMIT 1",
         )
         .fetch_optional(&cluster.pool)
         .await

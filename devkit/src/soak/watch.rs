@@ -39,7 +39,9 @@ pub struct Sample {
     pub inbox_lag: Option<f64>,
 }
 
-/// Memory of one process over its life.
+/// Memory of one process over its life; of a relay, only while it leads
+/// (a standby holds a third of a leader's memory, so a standby that takes
+/// over would look like drift).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Memory {
     /// (seconds since the start, resident kB).
@@ -139,13 +141,6 @@ async fn watch(
         lock(&samples).push(sample);
         let now: Vec<Target> = lock(&targets).clone();
         for target in now {
-            if let Some(kb) = rss_kb(target.pid) {
-                lock(&memory)
-                    .entry(target.name.clone())
-                    .or_default()
-                    .rss_kb
-                    .push((t, kb));
-            }
             let url = format!("http://{}/metrics", target.health_addr);
             let Ok(response) = http.get(url).send().await else {
                 continue;
@@ -153,6 +148,14 @@ async fn watch(
             let Ok(body) = response.text().await else {
                 continue;
             };
+            let standby = parse_metric(&body, "outbox_is_leader") == Some(0.0);
+            if let Some(kb) = rss_kb(target.pid).filter(|_| !standby) {
+                lock(&memory)
+                    .entry(target.name.clone())
+                    .or_default()
+                    .rss_kb
+                    .push((t, kb));
+            }
             let timeouts = parse_metric(&body, "outbox_database_pool_timeouts_total")
                 .or_else(|| parse_metric(&body, "inbox_database_pool_timeouts_total"));
             if let Some(n) = timeouts {

@@ -3,9 +3,11 @@
 //! An elector learns that it lost its lock only at its next renewal, up to a
 //! retry period later; meanwhile a standby may already lead. So the relay
 //! does not trust the elector's last word: inside each claiming transaction,
-//! after the claim's row locks are taken, it checks that this replica still
-//! leads. If the check passes, any new leader's fence sees those row locks
-//! and waits for them; if it fails, the claim rolls back unpublished.
+//! after it entered the claim gate (a shared advisory lock) and before it
+//! locks any row, it checks that this replica still leads. If the check
+//! passes, a new leader, which closes the gate exclusively before its first
+//! claim, waits for this claim to end; if it fails, the claim rolls back
+//! having locked and published nothing.
 
 use sqlx::postgres::PgConnection;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ pub enum Fence {
 
 impl Fence {
     /// Whether this replica still leads, checked on `conn` (the claiming
-    /// transaction, after its row locks).
+    /// transaction, inside the claim gate).
     pub async fn holds(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
         match self {
             Fence::Unfenced => Ok(true),

@@ -40,8 +40,9 @@ impl Default for Batching {
     }
 }
 
-/// Ordering keys a publisher serves before it is renewed.
-pub const DEFAULT_MAX_KEYS: usize = 10_000;
+/// Ordering keys a publisher serves before it is renewed (each costs the
+/// client a few kilobytes until then).
+pub const DEFAULT_MAX_KEYS: usize = 4_096;
 
 /// The publishers of one relay (or tool).
 pub struct Publishers {
