@@ -256,6 +256,9 @@ async fn restart_emulator(cluster: &mut Cluster, losses: &mut Losses) -> anyhow:
         replica.pubsub_link.cut();
         replica.pubsub_link.reset();
     }
+    let cut_at: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+        .fetch_one(&cluster.pool)
+        .await?;
     cluster.emulator.kill()?;
     // Nothing arrives any more: what each subscriber has is final.
     let mut received: HashMap<String, HashSet<String>> = HashMap::new();
@@ -290,6 +293,28 @@ async fn restart_emulator(cluster: &mut Cluster, losses: &mut Losses) -> anyhow:
         .collect();
     cluster.emulator.restart().await?;
     cluster.recreate_pubsub().await?;
+    // A batch claimed before the cut may hold rows the old emulator
+    // acknowledged while it waits, in claim order, behind an earlier batch
+    // that never will be: it deletes them when it finishes. Wait until every
+    // claim that began before the cut has ended, so that the outbox says
+    // exactly what the old emulator accepted (later claims get no answer).
+    crate::wait_for(
+        "the claims begun before the cut to end",
+        Duration::from_secs(120),
+        || async {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                 WHERE l.locktype = 'relation' AND l.relation = 'outbox'::regclass \
+                   AND l.mode = 'RowShareLock' AND l.granted AND a.xact_start <= to_timestamp($1)",
+            )
+            .bind(cut_at)
+            .fetch_one(&cluster.pool)
+            .await
+            .ok()?;
+            (open == 0).then_some(())
+        },
+    )
+    .await?;
     // Relays got no answer from the old emulator since their links were
     // cut: every row deleted from the outbox by now was accepted by it.
     let published: Vec<(String, String)> = sqlx::query_as(
