@@ -188,9 +188,10 @@ pub async fn inject(
             while pids.is_empty() && Instant::now() < until {
                 pids = terminate(
                     cluster,
-                    "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'relation' \
-                       AND relation = 'outbox'::regclass AND mode = 'RowShareLock' \
-                       AND granted AND pid <> pg_backend_pid()",
+                    &format!(
+                        "SELECT DISTINCT pid FROM pg_locks WHERE {CLAIM_LOCK} \
+                         AND pid <> pg_backend_pid()"
+                    ),
                 )
                 .await?;
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -234,6 +235,11 @@ pub async fn inject(
         duplicates: 0,
     })
 }
+
+/// A `pg_locks` row of a claim: the row-share lock a claiming transaction
+/// holds on the outbox table.
+const CLAIM_LOCK: &str = "locktype = 'relation' AND relation = 'outbox'::regclass \
+     AND mode = 'RowShareLock' AND granted";
 
 /// Runs `select_pids` and ends those sessions; returns their pids.
 async fn terminate(cluster: &Cluster, select_pids: &str) -> anyhow::Result<Vec<i32>> {
@@ -302,11 +308,10 @@ async fn restart_emulator(cluster: &mut Cluster, losses: &mut Losses) -> anyhow:
         "the claims begun before the cut to end",
         Duration::from_secs(120),
         || async {
-            let open: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-                 WHERE l.locktype = 'relation' AND l.relation = 'outbox'::regclass \
-                   AND l.mode = 'RowShareLock' AND l.granted AND a.xact_start <= to_timestamp($1)",
-            )
+            let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) \
+                 WHERE {CLAIM_LOCK} AND xact_start <= to_timestamp($1)"
+            )))
             .bind(cut_at)
             .fetch_one(&cluster.pool)
             .await
