@@ -49,6 +49,39 @@ pub const IMAGE_PATTERN: &str = r"^\S+$";
 pub const LEADER_TIMINGS_RULE: &str = "duration(self.renewDeadline) < duration(self.leaseDuration) && duration(self.retryPeriod) < duration(self.renewDeadline)";
 /// CEL rule on the whole resource: the name becomes a label value, which is limited to 63.
 pub const NAME_LENGTH_RULE: &str = "self.metadata.name.size() <= 63";
+/// An OTLP collector endpoint: `http(s)://host[:port][/path]`, with no credentials, query or
+/// fragment (credentials go in `headersSecretRef`).
+pub const OTLP_ENDPOINT_PATTERN: &str = r"^https?://([A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[-A-Za-z0-9._~%/]*)?$";
+/// CEL rule on `tracing.endpoint`: says in words what the pattern checks first.
+pub const OTLP_ENDPOINT_SCHEME_RULE: &str =
+    "self.startsWith('http://') || self.startsWith('https://')";
+/// Message of [`OTLP_ENDPOINT_SCHEME_RULE`] and of `validate` for a bad endpoint.
+pub const OTLP_ENDPOINT_MESSAGE: &str = "must be an http:// or https:// URL of an OTLP collector (scheme, host, optional port and path; no credentials, query or fragment), e.g. http://otel-collector.observability.svc:4317";
+/// CEL rule on `tracing`: an enabled tracing section needs an endpoint.
+pub const TRACING_ENDPOINT_RULE: &str =
+    "(has(self.enabled) && !self.enabled) || has(self.endpoint)";
+/// Message of [`TRACING_ENDPOINT_RULE`].
+pub const TRACING_ENDPOINT_MESSAGE: &str = "endpoint is required unless enabled is false";
+/// CEL rule on `tracing`: a sampler argument (a ratio) only means something to the ratio
+/// samplers.
+pub const SAMPLER_ARG_RULE: &str =
+    "!has(self.samplerArg) || (has(self.sampler) && self.sampler.endsWith('traceidratio'))";
+/// Message of [`SAMPLER_ARG_RULE`].
+pub const SAMPLER_ARG_MESSAGE: &str =
+    "samplerArg (a ratio) is only valid with sampler traceidratio or parentbased_traceidratio";
+/// A resource attribute name usable unencoded in `OTEL_RESOURCE_ATTRIBUTES` (a W3C baggage
+/// key), e.g. `deployment.environment.name`.
+pub const RESOURCE_ATTRIBUTE_KEY_PATTERN: &str = r"^[A-Za-z0-9._-]{1,255}$";
+/// CEL rule on `tracing.resourceAttributes`: every key matches
+/// [`RESOURCE_ATTRIBUTE_KEY_PATTERN`] (map keys cannot carry a schema pattern).
+pub const RESOURCE_ATTRIBUTE_KEYS_RULE: &str = "self.all(k, k.matches('^[A-Za-z0-9._-]{1,255}$'))";
+/// Message of [`RESOURCE_ATTRIBUTE_KEYS_RULE`].
+pub const RESOURCE_ATTRIBUTE_KEYS_MESSAGE: &str =
+    "resourceAttributes keys must be 1 to 255 letters, digits, '.', '_' or '-'";
+/// Most resource attributes a relay may set.
+pub const MAX_RESOURCE_ATTRIBUTES: usize = 32;
+/// Longest resource attribute value (characters, before encoding).
+pub const MAX_RESOURCE_ATTRIBUTE_VALUE: usize = 512;
 
 /// Desired state of a relay: one Deployment of `outbox-worker relay` with leader election,
 /// moving rows from a PostgreSQL outbox table to a Pub/Sub topic.
@@ -111,6 +144,11 @@ pub struct OutboxRelaySpec {
     /// Tolerations of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+
+    /// OpenTelemetry trace export of the workers, as the standard `OTEL_*` environment
+    /// variables. Absent: no `OTEL_*` variable is set (the worker exports nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
 }
 
 /// PostgreSQL settings. The URL (with its password) only ever comes from a Secret.
@@ -181,6 +219,135 @@ pub struct LeaderElectionSpec {
     pub retry_period: String,
 }
 
+/// OpenTelemetry settings of the workers, each passed as the standard environment variable
+/// of the OpenTelemetry SDK configuration spec.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new(TRACING_ENDPOINT_RULE).message(TRACING_ENDPOINT_MESSAGE).field_path(".endpoint"),
+    validation = Rule::new(SAMPLER_ARG_RULE).message(SAMPLER_ARG_MESSAGE).field_path(".samplerArg")
+)]
+pub struct TracingSpec {
+    /// `false` keeps the settings but switches export off: only `OTEL_SDK_DISABLED=true`
+    /// is set (which also overrides `OTEL_*` variables injected by other means).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// OTLP collector URL, `OTEL_EXPORTER_OTLP_ENDPOINT` (e.g.
+    /// `http://otel-collector.observability.svc:4317`). Required unless `enabled` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), pattern(OTLP_ENDPOINT_PATTERN))]
+    #[x_kube(validation = Rule::new(OTLP_ENDPOINT_SCHEME_RULE).message(OTLP_ENDPOINT_MESSAGE))]
+    pub endpoint: Option<String>,
+
+    /// OTLP transport, `OTEL_EXPORTER_OTLP_PROTOCOL`; unset leaves the SDK's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<OtlpProtocol>,
+
+    /// Sampler, `OTEL_TRACES_SAMPLER`; unset leaves the SDK's default
+    /// (`parentbased_always_on`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<TracesSampler>,
+
+    /// Sampling ratio between 0 and 1, `OTEL_TRACES_SAMPLER_ARG`; only with the
+    /// `traceidratio` and `parentbased_traceidratio` samplers (the SDK's default is 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sampler_arg: Option<f64>,
+
+    /// `OTEL_SERVICE_NAME`; defaults to `resourceAttributes["service.name"]`, else the
+    /// relay's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub service_name: Option<String>,
+
+    /// Extra resource attributes, `OTEL_RESOURCE_ATTRIBUTES` (values percent-encoded as the
+    /// spec requires). `k8s.namespace.name`, `k8s.deployment.name` and `k8s.pod.name` are
+    /// always added; a key given here replaces the added one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = {"type": "string", "maxLength": 512}
+    ))]
+    #[x_kube(validation = Rule::new(RESOURCE_ATTRIBUTE_KEYS_RULE).message(RESOURCE_ATTRIBUTE_KEYS_MESSAGE))]
+    pub resource_attributes: Option<BTreeMap<String, String>>,
+
+    /// Secret key holding the OTLP headers, `OTEL_EXPORTER_OTLP_HEADERS`
+    /// (`key=value,key2=value2`, values percent-encoded, e.g.
+    /// `authorization=Bearer%20TOKEN`). Part of the secret hash: rotating it rolls the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret_ref: Option<SecretKeyRef>,
+}
+
+impl TracingSpec {
+    /// Whether the workers export traces (enabled, with an endpoint).
+    pub fn is_active(&self) -> bool {
+        self.enabled && self.endpoint.is_some()
+    }
+}
+
+/// OTLP transport (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    #[allow(missing_docs)]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    #[allow(missing_docs)]
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// The value of `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// Trace sampler (`OTEL_TRACES_SAMPLER`), the values of the OpenTelemetry SDK configuration
+/// spec that need nothing beyond an optional ratio.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[allow(missing_docs)]
+pub enum TracesSampler {
+    #[serde(rename = "always_on")]
+    AlwaysOn,
+    #[serde(rename = "always_off")]
+    AlwaysOff,
+    #[serde(rename = "traceidratio")]
+    TraceIdRatio,
+    #[serde(rename = "parentbased_always_on")]
+    ParentBasedAlwaysOn,
+    #[serde(rename = "parentbased_always_off")]
+    ParentBasedAlwaysOff,
+    #[serde(rename = "parentbased_traceidratio")]
+    ParentBasedTraceIdRatio,
+}
+
+impl TracesSampler {
+    /// The value of `OTEL_TRACES_SAMPLER`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TracesSampler::AlwaysOn => "always_on",
+            TracesSampler::AlwaysOff => "always_off",
+            TracesSampler::TraceIdRatio => "traceidratio",
+            TracesSampler::ParentBasedAlwaysOn => "parentbased_always_on",
+            TracesSampler::ParentBasedAlwaysOff => "parentbased_always_off",
+            TracesSampler::ParentBasedTraceIdRatio => "parentbased_traceidratio",
+        }
+    }
+
+    /// Whether the sampler takes a ratio (`OTEL_TRACES_SAMPLER_ARG`).
+    pub fn takes_ratio(self) -> bool {
+        matches!(
+            self,
+            TracesSampler::TraceIdRatio | TracesSampler::ParentBasedTraceIdRatio
+        )
+    }
+}
+
 impl Default for LeaderElectionSpec {
     fn default() -> Self {
         Self {
@@ -235,6 +402,9 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_replicas() -> i32 {
     2
 }
@@ -255,6 +425,11 @@ impl OutboxRelaySpec {
     /// Leader-election settings with defaults filled in.
     pub fn leader_election_or_default(&self) -> LeaderElectionSpec {
         self.leader_election.clone().unwrap_or_default()
+    }
+
+    /// The tracing section when the workers export traces (see [`TracingSpec::is_active`]).
+    pub fn active_tracing(&self) -> Option<&TracingSpec> {
+        self.tracing.as_ref().filter(|t| t.is_active())
     }
 }
 
@@ -313,6 +488,9 @@ static SECRET_KEY: LazyLock<Regex> = LazyLock::new(|| re(SECRET_KEY_PATTERN));
 static DURATION: LazyLock<Regex> = LazyLock::new(|| re(DURATION_PATTERN));
 static IMAGE: LazyLock<Regex> = LazyLock::new(|| re(IMAGE_PATTERN));
 static DURATION_PART: LazyLock<Regex> = LazyLock::new(|| re(r"([0-9]+)(ms|s|m|h)"));
+static OTLP_ENDPOINT: LazyLock<Regex> = LazyLock::new(|| re(OTLP_ENDPOINT_PATTERN));
+static RESOURCE_ATTRIBUTE_KEY: LazyLock<Regex> =
+    LazyLock::new(|| re(RESOURCE_ATTRIBUTE_KEY_PATTERN));
 
 /// Parses a duration accepted by [`DURATION_PATTERN`] (`1m30s`, `500ms`, ...).
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -462,9 +640,66 @@ pub fn validate(relay: &OutboxRelay) -> Result<(), InvalidSpec> {
             );
         }
     }
+    if let Some(t) = &spec.tracing {
+        validate_tracing(&mut c, t);
+    }
     if c.0.is_empty() {
         Ok(())
     } else {
         Err(InvalidSpec(c.0))
+    }
+}
+
+fn validate_tracing(c: &mut Checker, t: &TracingSpec) {
+    match &t.endpoint {
+        None if t.enabled => c.fail("spec.tracing.endpoint", TRACING_ENDPOINT_MESSAGE),
+        None => {}
+        Some(e) if e.len() > 1024 => {
+            c.fail("spec.tracing.endpoint", "must be at most 1024 characters")
+        }
+        Some(e) if !OTLP_ENDPOINT.is_match(e) => c.fail(
+            "spec.tracing.endpoint",
+            format!("{e:?} {OTLP_ENDPOINT_MESSAGE}"),
+        ),
+        Some(_) => {}
+    }
+    if let Some(arg) = t.sampler_arg {
+        // NaN fails the range check too.
+        if !(0.0..=1.0).contains(&arg) {
+            c.fail("spec.tracing.samplerArg", "must be between 0 and 1");
+        }
+        if !t.sampler.is_some_and(TracesSampler::takes_ratio) {
+            c.fail("spec.tracing.samplerArg", SAMPLER_ARG_MESSAGE);
+        }
+    }
+    if let Some(name) = &t.service_name
+        && !(1..=255).contains(&name.chars().count())
+    {
+        c.fail("spec.tracing.serviceName", "must be 1 to 255 characters");
+    }
+    if let Some(attrs) = &t.resource_attributes {
+        if attrs.len() > MAX_RESOURCE_ATTRIBUTES {
+            c.fail(
+                "spec.tracing.resourceAttributes",
+                format!("must have at most {MAX_RESOURCE_ATTRIBUTES} entries"),
+            );
+        }
+        if attrs.keys().any(|k| !RESOURCE_ATTRIBUTE_KEY.is_match(k)) {
+            c.fail(
+                "spec.tracing.resourceAttributes",
+                RESOURCE_ATTRIBUTE_KEYS_MESSAGE,
+            );
+        }
+        for (k, v) in attrs {
+            if v.chars().count() > MAX_RESOURCE_ATTRIBUTE_VALUE {
+                c.fail(
+                    &format!("spec.tracing.resourceAttributes.{k}"),
+                    format!("must be at most {MAX_RESOURCE_ATTRIBUTE_VALUE} characters"),
+                );
+            }
+        }
+    }
+    if let Some(r) = &t.headers_secret_ref {
+        c.secret_ref("spec.tracing.headersSecretRef", r);
     }
 }

@@ -165,6 +165,13 @@ fn secret_refs(spec: &OutboxRelaySpec) -> Vec<(&'static str, &SecretKeyRef)> {
     if let Some(r) = &spec.pubsub.credentials_secret_ref {
         refs.push(("spec.pubsub.credentialsSecretRef", r));
     }
+    // Only when the workers use it: a disabled tracing section needs no Secret.
+    if let Some(r) = spec
+        .active_tracing()
+        .and_then(|t| t.headers_secret_ref.as_ref())
+    {
+        refs.push(("spec.tracing.headersSecretRef", r));
+    }
     refs
 }
 

@@ -26,6 +26,10 @@ use serde_json::Value;
 
 use crate::crd::{InvalidSpec, OutboxRelay, validate};
 
+/// Downward-API variable of the worker container holding the pod's name (referenced as
+/// `$(POD_NAME)` in `OTEL_RESOURCE_ATTRIBUTES`).
+pub const POD_NAME_ENV: &str = "POD_NAME";
+
 /// Default worker image: the worker released together with this operator.
 pub const DEFAULT_WORKER_IMAGE: &str = concat!(
     "ghcr.io/outbox-dev/outbox-worker:",
@@ -182,6 +186,104 @@ fn env_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// Escapes `$` for a container env `value`, in which the kubelet expands `$(VAR)` and reads
+/// `$$` as a literal `$`: what the spec says arrives in the container unchanged.
+fn literal(value: &str) -> String {
+    value.replace('$', "$$")
+}
+
+/// Percent-encodes a resource attribute value for `OTEL_RESOURCE_ATTRIBUTES`: the
+/// OpenTelemetry spec requires encoding every character outside the W3C baggage-octet range
+/// (controls, space, `"`, `,`, `;`, `\` and non-ASCII, byte by byte in UTF-8); `%` is
+/// encoded as well so that decoding gives the value back.
+pub fn encode_resource_attribute_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        let baggage_octet =
+            matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E);
+        if baggage_octet && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `OTEL_*` variables of the worker container for `spec.tracing`:
+/// - no tracing section: none;
+/// - `enabled: false` (or, past validation, no endpoint): only `OTEL_SDK_DISABLED=true`;
+/// - otherwise `OTEL_SERVICE_NAME` (`serviceName`, else `resourceAttributes["service.name"]`,
+///   else the relay's name), `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`,
+///   `OTEL_EXPORTER_OTLP_HEADERS` (from the Secret), `OTEL_TRACES_SAMPLER`,
+///   `OTEL_TRACES_SAMPLER_ARG` (the optional ones only when set) and
+///   `OTEL_RESOURCE_ATTRIBUTES`: `k8s.namespace.name`, `k8s.deployment.name`,
+///   `k8s.pod.name` (`$(POD_NAME)`, which the kubelet expands), then the spec's attributes,
+///   which replace an added key of the same name.
+///
+/// The container must define `POD_NAME` before these variables.
+pub fn tracing_env(relay: &OutboxRelay) -> Vec<EnvVar> {
+    let Some(tracing) = &relay.spec.tracing else {
+        return Vec::new();
+    };
+    let Some(endpoint) = tracing.endpoint.as_ref().filter(|_| tracing.enabled) else {
+        return vec![env("OTEL_SDK_DISABLED", "true")];
+    };
+    let name = relay.name_any();
+    let user_attrs = tracing.resource_attributes.clone().unwrap_or_default();
+    let service_name = tracing
+        .service_name
+        .clone()
+        .or_else(|| user_attrs.get("service.name").cloned())
+        .unwrap_or_else(|| name.clone());
+    let mut vars = vec![
+        env("OTEL_SERVICE_NAME", literal(&service_name)),
+        env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+    ];
+    if let Some(protocol) = tracing.protocol {
+        vars.push(env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.as_str()));
+    }
+    if let Some(headers) = &tracing.headers_secret_ref {
+        vars.push(EnvVar {
+            name: "OTEL_EXPORTER_OTLP_HEADERS".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: headers.name.clone(),
+                    key: headers.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+        });
+    }
+    if let Some(sampler) = tracing.sampler {
+        vars.push(env("OTEL_TRACES_SAMPLER", sampler.as_str()));
+    }
+    if let Some(arg) = tracing.sampler_arg {
+        vars.push(env("OTEL_TRACES_SAMPLER_ARG", arg.to_string()));
+    }
+    // Names of Kubernetes objects need no encoding.
+    let mut attrs: Vec<(String, String)> = vec![
+        (
+            "k8s.namespace.name".into(),
+            relay.namespace().unwrap_or_default(),
+        ),
+        ("k8s.deployment.name".into(), name),
+        ("k8s.pod.name".into(), format!("$({POD_NAME_ENV})")),
+    ];
+    for (key, value) in &user_attrs {
+        let encoded = literal(&encode_resource_attribute_value(value));
+        match attrs.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = encoded,
+            None => attrs.push((key.clone(), encoded)),
+        }
+    }
+    let joined: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    vars.push(env("OTEL_RESOURCE_ATTRIBUTES", joined.join(",")));
+    vars
+}
+
 fn default_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -321,9 +423,11 @@ pub fn desired(
         env("LEASE_DURATION", le.lease_duration.clone()),
         env("RENEW_DEADLINE", le.renew_deadline.clone()),
         env("RETRY_PERIOD", le.retry_period.clone()),
-        env_field("POD_NAME", "metadata.name"),
+        env_field(POD_NAME_ENV, "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
     ]);
+    // After POD_NAME: OTEL_RESOURCE_ATTRIBUTES refers to it as $(POD_NAME).
+    env_vars.extend(tracing_env(relay));
 
     let mut volumes = vec![Volume {
         name: "tmp".into(),

@@ -100,3 +100,84 @@ fn schema_carries_validation() {
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
     assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
 }
+
+#[test]
+fn tracing_schema() {
+    use outbox_operator::crd;
+    let crd = serde_json::to_value(OutboxRelay::crd()).expect("json");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let tracing = &spec["properties"]["tracing"];
+    assert_eq!(tracing["type"], "object");
+    let rules: Vec<(&str, &str, &str)> = tracing["x-kubernetes-validations"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            (
+                r["rule"].as_str().expect("rule"),
+                r["message"].as_str().expect("message"),
+                r["fieldPath"].as_str().expect("fieldPath"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        vec![
+            (
+                crd::TRACING_ENDPOINT_RULE,
+                crd::TRACING_ENDPOINT_MESSAGE,
+                ".endpoint"
+            ),
+            (
+                crd::SAMPLER_ARG_RULE,
+                crd::SAMPLER_ARG_MESSAGE,
+                ".samplerArg"
+            ),
+        ]
+    );
+    let p = &tracing["properties"];
+    assert_eq!(p["enabled"]["default"], true);
+    assert_eq!(p["endpoint"]["pattern"], crd::OTLP_ENDPOINT_PATTERN);
+    assert_eq!(p["endpoint"]["maxLength"], 1024);
+    assert_eq!(
+        p["endpoint"]["x-kubernetes-validations"][0]["rule"],
+        crd::OTLP_ENDPOINT_SCHEME_RULE
+    );
+    // An optional enum comes out of schemars/kube as `nullable` with `null` among the values
+    // (the API server accepts null enum values since Kubernetes 1.20).
+    assert_eq!(
+        p["protocol"]["enum"],
+        json!(["grpc", "http/protobuf", null])
+    );
+    assert_eq!(p["protocol"]["nullable"], true);
+    assert_eq!(
+        p["sampler"]["enum"],
+        json!([
+            "always_on",
+            "always_off",
+            "traceidratio",
+            "parentbased_always_on",
+            "parentbased_always_off",
+            "parentbased_traceidratio",
+            null
+        ])
+    );
+    assert_eq!(p["samplerArg"]["type"], "number");
+    assert_eq!(p["samplerArg"]["minimum"].as_f64(), Some(0.0));
+    assert_eq!(p["samplerArg"]["maximum"].as_f64(), Some(1.0));
+    assert_eq!(p["serviceName"]["maxLength"], 255);
+    let attrs = &p["resourceAttributes"];
+    assert_eq!(attrs["type"], "object");
+    assert_eq!(attrs["maxProperties"], crd::MAX_RESOURCE_ATTRIBUTES);
+    assert_eq!(
+        attrs["additionalProperties"],
+        json!({"type": "string", "maxLength": crd::MAX_RESOURCE_ATTRIBUTE_VALUE})
+    );
+    assert_eq!(
+        attrs["x-kubernetes-validations"][0]["rule"],
+        crd::RESOURCE_ATTRIBUTE_KEYS_RULE
+    );
+    // The CEL rule and the Rust pattern check the same keys.
+    assert!(crd::RESOURCE_ATTRIBUTE_KEYS_RULE.contains(crd::RESOURCE_ATTRIBUTE_KEY_PATTERN));
+    assert_eq!(p["headersSecretRef"]["required"], json!(["key", "name"]));
+}

@@ -1,8 +1,11 @@
 //! OutboxRelay → desired objects.
 
 use k8s_openapi::api::core::v1::Container;
+use outbox_operator::crd::OutboxRelay;
 use outbox_operator::render::render;
-use outbox_operator::resources::{SECRET_HASH_ANNOTATION, desired};
+use outbox_operator::resources::{
+    SECRET_HASH_ANNOTATION, desired, encode_resource_attribute_value, tracing_env,
+};
 use serde_json::{Value, json};
 
 use crate::common::{assert_golden, example, example_text, settings};
@@ -335,4 +338,231 @@ fn secret_hash_changes_the_pod_template_only() {
             .insert(SECRET_HASH_ANNOTATION.into(), "hash-b".into());
     }
     assert_eq!(a_spec, b_spec);
+}
+
+fn otel_env(c: &Container) -> Vec<Value> {
+    c.env
+        .as_ref()
+        .expect("env")
+        .iter()
+        .filter(|v| v.name.starts_with("OTEL_"))
+        .map(|v| serde_json::to_value(v).expect("env json"))
+        .collect()
+}
+
+fn with_tracing(tracing: Value) -> OutboxRelay {
+    let mut relay = example("minimal.yaml");
+    relay.spec.tracing = Some(serde_json::from_value(tracing).expect("tracing"));
+    relay
+}
+
+fn value(name: &str, value: &str) -> Value {
+    json!({"name": name, "value": value})
+}
+
+#[test]
+fn no_tracing_section_sets_no_otel_env() {
+    for name in ["minimal.yaml", "dev.yaml"] {
+        let relay = example(name);
+        assert_eq!(tracing_env(&relay), Vec::new(), "{name}");
+        let d = desired(&relay, &settings(), "abc").expect("desired");
+        assert_eq!(otel_env(&container(&d)), Vec::<Value>::new(), "{name}");
+    }
+}
+
+#[test]
+fn disabled_tracing_only_disables_the_sdk() {
+    for tracing in [
+        json!({"enabled": false}),
+        json!({"enabled": false, "endpoint": "http://collector:4317", "sampler": "always_on",
+               "headersSecretRef": {"name": "otlp", "key": "headers"}}),
+    ] {
+        let relay = with_tracing(tracing.clone());
+        let d = desired(&relay, &settings(), "abc").expect("desired");
+        assert_eq!(
+            otel_env(&container(&d)),
+            vec![value("OTEL_SDK_DISABLED", "true")],
+            "{tracing}"
+        );
+    }
+}
+
+#[test]
+fn endpoint_alone_gets_the_relay_name_and_kubernetes_attributes() {
+    let relay = with_tracing(json!({"endpoint": "http://otel-collector.observability.svc:4317"}));
+    let d = desired(&relay, &settings(), "abc").expect("desired");
+    let c = container(&d);
+    assert_eq!(
+        otel_env(&c),
+        vec![
+            value("OTEL_SERVICE_NAME", "orders"),
+            value(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://otel-collector.observability.svc:4317"
+            ),
+            value(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "k8s.namespace.name=shop,k8s.deployment.name=orders,k8s.pod.name=$(POD_NAME)"
+            ),
+        ]
+    );
+    // $(POD_NAME) is only expanded by the kubelet when POD_NAME is defined earlier.
+    let names: Vec<&str> = c
+        .env
+        .as_ref()
+        .expect("env")
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    let pos = |n: &str| names.iter().position(|x| *x == n).expect(n);
+    assert!(
+        pos("POD_NAME") < pos("OTEL_RESOURCE_ATTRIBUTES"),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn service_name_defaults_to_the_service_name_attribute_then_the_relay_name() {
+    let endpoint = "http://collector:4317";
+    let service_name = |tracing: Value| {
+        tracing_env(&with_tracing(tracing))
+            .into_iter()
+            .find(|e| e.name == "OTEL_SERVICE_NAME")
+            .and_then(|e| e.value)
+    };
+    assert_eq!(
+        service_name(json!({"endpoint": endpoint})).as_deref(),
+        Some("orders")
+    );
+    assert_eq!(
+        service_name(json!({"endpoint": endpoint, "serviceName": "shop-relay"})).as_deref(),
+        Some("shop-relay")
+    );
+    assert_eq!(
+        service_name(
+            json!({"endpoint": endpoint, "resourceAttributes": {"service.name": "from-attr"}})
+        )
+        .as_deref(),
+        Some("from-attr")
+    );
+    assert_eq!(
+        service_name(json!({"endpoint": endpoint, "serviceName": "explicit",
+                            "resourceAttributes": {"service.name": "from-attr"}}))
+        .as_deref(),
+        Some("explicit")
+    );
+    // A literal `$(...)` is escaped so that the kubelet does not expand it.
+    assert_eq!(
+        service_name(json!({"endpoint": endpoint, "serviceName": "a$(POD_NAME)"})).as_deref(),
+        Some("a$$(POD_NAME)")
+    );
+}
+
+#[test]
+fn resource_attribute_values_are_percent_encoded() {
+    // Outside the W3C baggage-octet range: controls, space, '"', ',', ';', '\' and
+    // non-ASCII (as UTF-8 bytes); '%' too, so that decoding is unambiguous. '=' and the
+    // other printable characters stay as they are.
+    for (raw, encoded) in [
+        ("production", "production"),
+        ("billing & payments", "billing%20&%20payments"),
+        ("a,b;c", "a%2Cb%3Bc"),
+        ("say \"hi\"", "say%20%22hi%22"),
+        (r"C:\temp", "C:%5Ctemp"),
+        ("100%", "100%25"),
+        ("k=v", "k=v"),
+        ("zürich", "z%C3%BCrich"),
+        ("tab\there\n", "tab%09here%0A"),
+        ("~!#$&'()*+-./:<>?@[]^_`{|}", "~!#$&'()*+-./:<>?@[]^_`{|}"),
+        ("", ""),
+    ] {
+        assert_eq!(encode_resource_attribute_value(raw), encoded, "{raw:?}");
+    }
+    let relay = with_tracing(json!({
+        "endpoint": "http://collector:4317",
+        "resourceAttributes": {
+            "team": "billing & payments",
+            "deployment.environment.name": "prod,eu",
+            "k8s.deployment.name": "replaced",
+            "note": "$(POD_NAME)",
+        },
+    }));
+    let attrs = tracing_env(&relay)
+        .into_iter()
+        .find(|e| e.name == "OTEL_RESOURCE_ATTRIBUTES")
+        .and_then(|e| e.value)
+        .expect("attributes");
+    // Added keys first (a given key replaces its value in place), then the spec's in key
+    // order; `$` doubled so the kubelet keeps it literal.
+    assert_eq!(
+        attrs,
+        "k8s.namespace.name=shop,k8s.deployment.name=replaced,k8s.pod.name=$(POD_NAME),\
+         deployment.environment.name=prod%2Ceu,note=$$(POD_NAME),team=billing%20&%20payments"
+    );
+}
+
+#[test]
+fn sampler_ratio_is_written_as_a_decimal_string() {
+    for (ratio, text) in [
+        (json!(0.25), "0.25"),
+        (json!(0.1), "0.1"),
+        (json!(0), "0"),
+        (json!(1), "1"),
+        (json!(1.0), "1"),
+        (json!(0.0001), "0.0001"),
+        (json!(1e-7), "0.0000001"),
+    ] {
+        let relay = with_tracing(json!({
+            "endpoint": "http://collector:4317",
+            "sampler": "traceidratio",
+            "samplerArg": ratio,
+        }));
+        let env = tracing_env(&relay);
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(get("OTEL_TRACES_SAMPLER").as_deref(), Some("traceidratio"));
+        assert_eq!(
+            get("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+            Some(text),
+            "{ratio}"
+        );
+    }
+    // No ratio: no OTEL_TRACES_SAMPLER_ARG (the SDK's default, 1).
+    let env = tracing_env(&with_tracing(
+        json!({"endpoint": "http://collector:4317", "sampler": "parentbased_always_off"}),
+    ));
+    assert!(env.iter().all(|e| e.name != "OTEL_TRACES_SAMPLER_ARG"));
+    assert!(
+        env.iter().any(|e| e.name == "OTEL_TRACES_SAMPLER"
+            && e.value.as_deref() == Some("parentbased_always_off"))
+    );
+}
+
+#[test]
+fn full_example_tracing_env() {
+    let d = desired(&example("full.yaml"), &settings(), "abc").expect("desired");
+    assert_eq!(
+        otel_env(&container(&d)),
+        vec![
+            value("OTEL_SERVICE_NAME", "billing-outbox-relay"),
+            value(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "https://otel-collector.observability.svc:4318"
+            ),
+            value("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            json!({"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef":
+                {"name": "billing-otlp", "key": "headers", "optional": false}}}),
+            value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            value("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            value(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "k8s.namespace.name=billing,k8s.deployment.name=billing-events,\
+                 k8s.pod.name=$(POD_NAME),deployment.environment.name=production,\
+                 team=billing%20&%20payments"
+            ),
+        ]
+    );
 }

@@ -451,6 +451,15 @@ async fn full_example_with_credentials() {
         "{message}"
     );
     h.create_secret("billing-pubsub-sa", "key.json", "{}");
+    // So is the OTLP headers secret of spec.tracing.
+    h.reconcile("billing-events").await.expect("blocked");
+    let (_, reason, message) = cond(&h.relay("billing-events"), READY);
+    assert_eq!(reason, "SecretNotFound");
+    assert!(
+        message.contains("spec.tracing.headersSecretRef") && message.contains("billing-otlp"),
+        "{message}"
+    );
+    h.create_secret("billing-otlp", "headers", "authorization=Bearer%20t0k3n");
     h.reconcile("billing-events").await.expect("applied");
     let dep = h.deployment("billing-events");
     assert_eq!(dep["spec"]["replicas"], 3);
@@ -552,4 +561,75 @@ async fn objects_refused_as_invalid_become_an_invalid_spec_condition() {
     let (status, reason, message) = cond(&h.relay("orders"), READY);
     assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     assert!(message.contains("refused"), "{message}");
+}
+
+fn minimal_with_tracing(tracing: Value) -> Value {
+    let mut value: Value = serde_norway::from_str(&example_text("minimal.yaml")).expect("yaml");
+    value["spec"]["tracing"] = tracing;
+    value
+}
+
+fn secret_hash(h: &Harness, name: &str) -> Value {
+    h.deployment(name)["spec"]["template"]["metadata"]["annotations"][SECRET_HASH_ANNOTATION]
+        .clone()
+}
+
+#[tokio::test]
+async fn rotated_otlp_headers_secret_rolls_the_pods() {
+    let h = harness();
+    h.create_secret("orders-db", "url", "postgres://db/orders");
+    h.create_secret("otlp", "headers", "authorization=Bearer%20one");
+    h.api.create(
+        RELAYS,
+        minimal_with_tracing(json!({
+            "endpoint": "http://collector:4317",
+            "headersSecretRef": {"name": "otlp", "key": "headers"},
+        })),
+    );
+    h.reconcile("orders").await.expect("first");
+    let before = secret_hash(&h, "orders");
+    h.api.delete(SECRETS, "otlp");
+    h.create_secret("otlp", "headers", "authorization=Bearer%20two");
+    h.reconcile("orders").await.expect("rotated");
+    assert_ne!(secret_hash(&h, "orders"), before);
+    assert!(
+        h.api
+            .list(EVENTS)
+            .iter()
+            .any(|e| e["reason"] == "SecretRotated")
+    );
+}
+
+#[tokio::test]
+async fn disabled_tracing_needs_no_headers_secret_and_keeps_the_hash() {
+    let h = harness();
+    h.create_secret("orders-db", "url", "postgres://db/orders");
+    h.create_relay("minimal.yaml");
+    h.reconcile("orders").await.expect("without tracing");
+    let without = secret_hash(&h, "orders");
+    h.api.delete(RELAYS, "orders");
+    h.api.collect_garbage();
+    h.api.create(
+        RELAYS,
+        minimal_with_tracing(json!({
+            "enabled": false,
+            "endpoint": "http://collector:4317",
+            "headersSecretRef": {"name": "missing", "key": "headers"},
+        })),
+    );
+    h.reconcile("orders").await.expect("disabled tracing");
+    assert_ne!(cond(&h.relay("orders"), READY).1, "SecretNotFound");
+    // Only the referenced Secrets count: disabled tracing leaves the hash alone.
+    assert_eq!(secret_hash(&h, "orders"), without);
+    let env = &h.deployment("orders")["spec"]["template"]["spec"]["containers"][0]["env"];
+    let otel: Vec<&Value> = env
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with("OTEL_")))
+        .collect();
+    assert_eq!(
+        otel,
+        vec![&json!({"name": "OTEL_SDK_DISABLED", "value": "true"})]
+    );
 }

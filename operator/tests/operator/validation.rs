@@ -180,3 +180,154 @@ fn all_problems_are_reported_at_once() {
         assert!(err.contains(field), "{err}");
     }
 }
+
+fn with_tracing(tracing: serde_json::Value) -> OutboxRelay {
+    let mut relay = example("minimal.yaml");
+    relay.spec.tracing = Some(serde_json::from_value(tracing).expect("tracing"));
+    relay
+}
+
+fn tracing_error(tracing: serde_json::Value) -> Option<String> {
+    validate(&with_tracing(tracing))
+        .err()
+        .map(|e| e.to_string())
+}
+
+#[test]
+fn tracing_endpoints() {
+    for ok in [
+        "http://otel-collector.observability.svc:4317",
+        "https://otlp.example.com",
+        "https://otlp.example.com:443/",
+        "http://otel-collector:4318/otlp/v1",
+        "http://10.0.0.7:4317",
+        "http://[fd00::7]:4317",
+        "http://localhost:4317",
+    ] {
+        assert_eq!(
+            tracing_error(serde_json::json!({"endpoint": ok})),
+            None,
+            "{ok}"
+        );
+    }
+    for bad in [
+        "otel-collector.observability.svc:4317",
+        "grpc://otel-collector:4317",
+        "ftp://collector",
+        "http://",
+        "http:///v1",
+        "https://user:secret@otlp.example.com",
+        "http://collector:4317?x=1",
+        "http://collector:4317#frag",
+        "http://collector:4317/$(POD_NAME)",
+        "http://collector name:4317",
+        " http://collector:4317",
+        &format!("http://{}.com", "a".repeat(1020)),
+    ] {
+        let err = tracing_error(serde_json::json!({"endpoint": bad})).expect(bad);
+        assert!(err.contains("spec.tracing.endpoint"), "{bad}: {err}");
+    }
+    let err = tracing_error(serde_json::json!({"endpoint": "collector:4317"})).expect("no scheme");
+    assert!(err.contains("must be an http:// or https:// URL"), "{err}");
+}
+
+#[test]
+fn tracing_endpoint_is_required_unless_disabled() {
+    let err = tracing_error(serde_json::json!({"sampler": "always_on"})).expect("no endpoint");
+    assert!(
+        err.contains("spec.tracing.endpoint: endpoint is required unless enabled is false"),
+        "{err}"
+    );
+    assert_eq!(tracing_error(serde_json::json!({"enabled": false})), None);
+}
+
+#[test]
+fn tracing_sampler_ratio() {
+    let endpoint = "http://collector:4317";
+    for (sampler, arg, ok) in [
+        ("traceidratio", 0.0, true),
+        ("traceidratio", 0.5, true),
+        ("parentbased_traceidratio", 1.0, true),
+        ("traceidratio", 1.5, false),
+        ("parentbased_traceidratio", -0.1, false),
+        ("always_on", 0.5, false),
+        ("parentbased_always_on", 0.5, false),
+        ("always_off", 0.0, false),
+    ] {
+        let err = tracing_error(
+            serde_json::json!({"endpoint": endpoint, "sampler": sampler, "samplerArg": arg}),
+        );
+        assert_eq!(err.is_none(), ok, "{sampler} {arg}: {err:?}");
+        if let Some(err) = err {
+            assert!(err.contains("spec.tracing.samplerArg"), "{err}");
+        }
+    }
+    // A ratio without any sampler is refused too (the SDK's default sampler takes none).
+    let err = tracing_error(serde_json::json!({"endpoint": endpoint, "samplerArg": 0.5}))
+        .expect("ratio without sampler");
+    assert!(
+        err.contains("only valid with sampler traceidratio"),
+        "{err}"
+    );
+    let err = tracing_error(
+        serde_json::json!({"endpoint": endpoint, "sampler": "traceidratio", "samplerArg": 2}),
+    )
+    .expect("out of range");
+    assert!(
+        err.contains("spec.tracing.samplerArg: must be between 0 and 1"),
+        "{err}"
+    );
+    // Unknown samplers and protocols do not even parse (the schema's enum refuses them).
+    for bad in [
+        serde_json::json!({"endpoint": endpoint, "sampler": "jaeger_remote"}),
+        serde_json::json!({"endpoint": endpoint, "protocol": "http/json"}),
+    ] {
+        assert!(serde_json::from_value::<outbox_operator::crd::TracingSpec>(bad).is_err());
+    }
+}
+
+#[test]
+fn tracing_resource_attributes_and_names() {
+    let endpoint = "http://collector:4317";
+    let attrs = |map: serde_json::Value| {
+        tracing_error(serde_json::json!({"endpoint": endpoint, "resourceAttributes": map}))
+    };
+    assert_eq!(
+        attrs(serde_json::json!({"deployment.environment.name": "prod", "team_1-x": "a, b; c"})),
+        None
+    );
+    for bad in [
+        "team name",
+        "",
+        "a=b",
+        "a,b",
+        "k8s.pod.label/app",
+        &"a".repeat(256),
+    ] {
+        let err = attrs(serde_json::json!({ bad: "v" })).expect(bad);
+        assert!(
+            err.contains("spec.tracing.resourceAttributes"),
+            "{bad:?}: {err}"
+        );
+    }
+    let many: serde_json::Map<String, serde_json::Value> = (0..33)
+        .map(|i| (format!("k{i}"), serde_json::json!("v")))
+        .collect();
+    assert!(
+        attrs(serde_json::Value::Object(many))
+            .expect("33")
+            .contains("at most 32 entries")
+    );
+    let err = attrs(serde_json::json!({"long": "v".repeat(513)})).expect("long value");
+    assert!(
+        err.contains("spec.tracing.resourceAttributes.long"),
+        "{err}"
+    );
+    let err = tracing_error(serde_json::json!({"endpoint": endpoint, "serviceName": ""}))
+        .expect("empty name");
+    assert!(err.contains("spec.tracing.serviceName"), "{err}");
+    let err = tracing_error(serde_json::json!({"endpoint": endpoint,
+        "headersSecretRef": {"name": "Bad_Name", "key": "headers"}}))
+    .expect("secret name");
+    assert!(err.contains("spec.tracing.headersSecretRef.name"), "{err}");
+}
