@@ -8,6 +8,7 @@
 pub mod collector;
 pub mod emulator;
 pub mod iam;
+pub mod otlp;
 pub mod postgres;
 mod process;
 pub mod proxy;
@@ -18,6 +19,7 @@ pub mod worker;
 pub use collector::{Collector, Received};
 pub use emulator::Emulator;
 pub use iam::IamStandIn;
+pub use otlp::OtlpReceiver;
 pub use postgres::Postgres;
 pub use proxy::Proxy;
 pub use worker::WorkerProcess;

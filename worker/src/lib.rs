@@ -10,6 +10,7 @@
 //! - [`db`]: connecting to PostgreSQL and the embedded migrations.
 //! - [`pubsub`]: connecting to Pub/Sub (or its emulator).
 //! - [`ident`]: validation of table, topic and subscription names.
+//! - [`trace`]: trace context in message attributes, and the messaging spans.
 
 pub mod app;
 pub mod backoff;
@@ -23,4 +24,4 @@ pub mod probe;
 pub mod pubsub;
 pub mod relay;
 pub mod shutdown;
-pub mod telemetry;
+pub mod trace;

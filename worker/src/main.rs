@@ -14,6 +14,13 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
-    outbox_worker::telemetry::init(cli.log_format);
+    // Logs, and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard
+    // flushes queued spans at exit.
+    let _telemetry = outbox_telemetry::init(
+        cli.log_format,
+        "info,sqlx=warn,google_cloud_pubsub=warn,h2=warn",
+        outbox_worker::trace::TARGET,
+        "outbox-worker",
+    )?;
     cli.command.run().await
 }

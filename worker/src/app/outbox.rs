@@ -97,6 +97,11 @@ impl OutboxMessage {
     /// Inserts the row using the caller's connection or transaction
     /// (`&mut tx` or `&mut *tx`); returns the message id, which reaches
     /// subscribers as the `message-id` attribute.
+    ///
+    /// When called inside a `tracing` span that has an OpenTelemetry context
+    /// (the application installed `tracing-opentelemetry`), that context is
+    /// written as the `traceparent` and `tracestate` attributes, so that the
+    /// relay's publish, the inbox and the consumer's handler join its trace.
     pub async fn write(&self, conn: &mut PgConnection) -> Result<Uuid, OutboxError> {
         if self
             .attributes
@@ -109,8 +114,12 @@ impl OutboxMessage {
             Some(t) => t.quoted(),
             None => "\"outbox\"".to_owned(),
         };
-        let attributes = (!self.attributes.is_empty())
-            .then(|| serde_json::to_value(&self.attributes).unwrap_or_default());
+        // The caller's span becomes the message's trace context, unless the
+        // caller set one itself.
+        let mut attributes = self.attributes.clone();
+        crate::trace::inject_current(&mut attributes);
+        let attributes =
+            (!attributes.is_empty()).then(|| serde_json::to_value(&attributes).unwrap_or_default());
         let sql = format!(
             "INSERT INTO {table} (message_id, payload, ordering_key, attributes, topic) \
              VALUES (coalesce($1, gen_random_uuid()), $2, $3, $4, $5) RETURNING message_id"

@@ -35,6 +35,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::ident::TableName;
+use crate::trace::{self, Carried};
 
 /// What a handler returns on failure; any error type converts into it
 /// (including `anyhow::Error`) with `?`.
@@ -59,6 +60,9 @@ pub struct InboxMessage {
     pub received_at: chrono::DateTime<chrono::Utc>,
     /// Failed attempts before this one.
     pub attempts: i32,
+    /// The trace context the message carried (the producer's span), under
+    /// which the handler runs.
+    pub trace: Option<Carried>,
 }
 
 /// The application's processing of one message. It runs inside the batch
@@ -185,7 +189,7 @@ impl InboxProcessor {
         let t = config.table.quoted();
         InboxProcessor {
             claim: format!(
-                "SELECT id, message_id, octet_length(payload) AS bytes, attributes, ordering_key, published_at, received_at, attempts \
+                "SELECT id, message_id, octet_length(payload) AS bytes, attributes, ordering_key, published_at, received_at, attempts, traceparent, tracestate \
                  FROM {t} i \
                  WHERE processed_at IS NULL AND parked_at IS NULL AND next_attempt_at <= clock_timestamp() \
                    AND (ordering_key IS NULL OR NOT EXISTS ( \
@@ -194,7 +198,7 @@ impl InboxProcessor {
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
             ),
             followers: format!(
-                "SELECT id, message_id, octet_length(payload) AS bytes, attributes, ordering_key, published_at, received_at, attempts, \
+                "SELECT id, message_id, octet_length(payload) AS bytes, attributes, ordering_key, published_at, received_at, attempts, traceparent, tracestate, \
                         (parked_at IS NULL AND next_attempt_at <= clock_timestamp()) AS due \
                  FROM {t} \
                  WHERE ordering_key = ANY($1) AND processed_at IS NULL AND NOT (id = ANY($2)) \
@@ -372,26 +376,43 @@ impl InboxProcessor {
         handler: &H,
         message: &InboxMessage,
     ) -> Result<Result<(), String>, sqlx::Error> {
-        let mut savepoint = tx.begin().await?;
-        let timeout = self.config.handler_timeout;
-        match tokio::time::timeout(timeout, handler.handle(&mut savepoint, message)).await {
-            Ok(Ok(())) => match savepoint.commit().await {
-                Ok(()) => Ok(Ok(())),
-                // The failed RELEASE dropped the savepoint, which rolls it back.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P02") => Ok(Err(
-                    "the handler returned Ok, but a statement it ran failed, which aborted its transaction; return that statement's error instead".to_owned(),
-                )),
-                Err(e) => Err(e),
-            },
-            Ok(Err(error)) => {
-                savepoint.rollback().await?;
-                Ok(Err(error.to_string()))
-            }
-            Err(_) => {
-                savepoint.rollback().await?;
-                Ok(Err(format!("the handler timed out after {timeout:?}")))
+        let span = trace::process_span(
+            &self.config.table,
+            message.id,
+            &message.message_id,
+            message.attempts + 1,
+            message.trace.as_ref(),
+        );
+        let outcome = async {
+            let mut savepoint = tx.begin().await?;
+            let timeout = self.config.handler_timeout;
+            match tokio::time::timeout(timeout, handler.handle(&mut savepoint, message)).await {
+                Ok(Ok(())) => match savepoint.commit().await {
+                    Ok(()) => Ok(Ok(())),
+                    // The failed RELEASE dropped the savepoint, which rolls it back.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P02") => Ok(Err(
+                        "the handler returned Ok, but a statement it ran failed, which aborted its transaction; return that statement's error instead".to_owned(),
+                    )),
+                    Err(e) => Err(e),
+                },
+                Ok(Err(error)) => {
+                    savepoint.rollback().await?;
+                    Ok(Err(error.to_string()))
+                }
+                Err(_) => {
+                    savepoint.rollback().await?;
+                    Ok(Err(format!("the handler timed out after {timeout:?}")))
+                }
             }
         }
+        .instrument(span.clone())
+        .await;
+        match &outcome {
+            Ok(Err(reason)) => trace::fail(&span, reason),
+            Err(error) => trace::fail(&span, &error.to_string()),
+            Ok(Ok(())) => {}
+        }
+        outcome
     }
 
     /// Processes batches until `stop` is cancelled: back to back while rows
@@ -446,6 +467,12 @@ fn to_message(row: &sqlx::postgres::PgRow) -> Result<(InboxMessage, i64), sqlx::
         published_at: row.try_get("published_at")?,
         received_at: row.try_get("received_at")?,
         attempts: row.try_get("attempts")?,
+        trace: row
+            .try_get::<Option<String>, _>("traceparent")?
+            .map(|traceparent| Carried {
+                traceparent,
+                tracestate: row.try_get("tracestate").ok().flatten(),
+            }),
     };
     Ok((message, i64::from(bytes.unwrap_or(0))))
 }

@@ -98,6 +98,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
     };
 
     let mut registry = Registry::default();
+    outbox_telemetry::SpanMetrics::global().register(&mut registry);
     let metrics = InboxMetrics::register(&mut registry);
     let health = Health::new(args.liveness_timeout);
     let store = InboxStore::new(args.table.clone())?;

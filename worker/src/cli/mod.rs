@@ -7,10 +7,10 @@ mod relay;
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
+use outbox_telemetry::LogFormat;
 use outbox_worker::health::{self, Component, Health};
 use outbox_worker::probe::Probe;
 use outbox_worker::pubsub::Endpoint;
-use outbox_worker::telemetry::LogFormat;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -222,6 +222,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     };
 
     let mut registry = Registry::default();
+    outbox_telemetry::SpanMetrics::global().register(&mut registry);
     let metrics = RelayMetrics::register(&mut registry);
     let health = Health::new(args.liveness_timeout);
     let store = OutboxStore::new(args.table.clone())?;

@@ -11,6 +11,7 @@ use google_cloud_pubsub::model::Message;
 use std::collections::BTreeMap;
 
 use crate::pubsub::MESSAGE_ID_ATTRIBUTE;
+use crate::trace::Carried;
 
 /// A message as the inbox stores it.
 #[derive(Clone, Debug)]
@@ -27,6 +28,9 @@ pub struct InboxRow {
     pub ordering_key: Option<String>,
     /// Pub/Sub's publish time, as microseconds since the epoch.
     pub published_at_us: Option<i64>,
+    /// The trace context the message carries, under the W3C names or
+    /// Google's client libraries' (see [`crate::trace`]).
+    pub trace: Option<Carried>,
 }
 
 /// A message that cannot be stored as is, in an escaped form that can.
@@ -137,6 +141,7 @@ pub fn prepare(message: &Message) -> Prepared {
             attributes: serde_json::to_value(&attributes).unwrap_or_default(),
             ordering_key,
             published_at_us: published_at_us(message),
+            trace: Carried::from_attributes(|k| message.attributes.get(k).map(String::as_str)),
         })
     } else {
         Prepared::Dead(dead(

@@ -218,6 +218,19 @@ impl Inbox {
         async {
             let prepared: Vec<Prepared> =
                 batch.iter().map(|d| prepare(&d.message)).collect();
+            // One span per sampled message, ended when it is acknowledged.
+            let traced: Vec<tracing::Span> = prepared
+                .iter()
+                .filter_map(Prepared::row)
+                .filter_map(|row| {
+                    crate::trace::receive_span(
+                        &self.config.subscription,
+                        &row.pubsub_message_id,
+                        &row.message_id,
+                        row.trace.as_ref(),
+                    )
+                })
+                .collect();
             let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
             loop {
                 match self.try_store(&prepared).await {
@@ -227,6 +240,7 @@ impl Inbox {
                         for delivery in batch {
                             delivery.handler.ack();
                         }
+                        drop(traced);
                         return;
                     }
                     Err(e) => {

@@ -37,10 +37,10 @@ impl InboxStore {
         let dl = dead_letter.quoted();
         Ok(InboxStore {
             insert: format!(
-                "INSERT INTO {t} (message_id, pubsub_message_id, subscription, payload, attributes, ordering_key, published_at) \
-                 SELECT m, pm, $7, p, a, k, pt \
-                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[], $6::timestamptz[]) \
-                      WITH ORDINALITY AS b(m, pm, p, a, k, pt, n) \
+                "INSERT INTO {t} (message_id, pubsub_message_id, subscription, payload, attributes, ordering_key, published_at, traceparent, tracestate) \
+                 SELECT m, pm, $7, p, a, k, pt, tp, ts \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[], $6::timestamptz[], $8::text[], $9::text[]) \
+                      WITH ORDINALITY AS b(m, pm, p, a, k, pt, tp, ts, n) \
                  ORDER BY n \
                  ON CONFLICT (message_id) DO NOTHING \
                  RETURNING message_id"
@@ -74,7 +74,7 @@ impl InboxStore {
     /// column the worker needs.
     pub async fn check_shape(&self, pool: &PgPool) -> Result<(), StoreError> {
         let inbox = "id, message_id, pubsub_message_id, subscription, payload, attributes, \
-                     ordering_key, published_at, received_at, processed_at";
+                     ordering_key, published_at, received_at, processed_at, traceparent, tracestate";
         let dead = "id, message_id, pubsub_message_id, subscription, payload, attributes, \
                     ordering_key, published_at, received_at, error";
         let tables = [(&self.table, inbox), (&self.dead_letter, dead)];
@@ -101,6 +101,14 @@ impl InboxStore {
             .iter()
             .map(|r| r.published_at_us.and_then(DateTime::from_timestamp_micros))
             .collect();
+        let traceparents: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.trace.as_ref().map(|t| t.traceparent.as_str()))
+            .collect();
+        let tracestates: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.trace.as_ref().and_then(|t| t.tracestate.as_deref()))
+            .collect();
         let inserted: Vec<String> = sqlx::query_scalar(AssertSqlSafe(self.insert.as_str()))
             .bind(&ids)
             .bind(&pubsub_ids)
@@ -109,6 +117,8 @@ impl InboxStore {
             .bind(&keys)
             .bind(&published)
             .bind(subscription)
+            .bind(&traceparents)
+            .bind(&tracestates)
             .fetch_all(conn)
             .await?;
         Ok(inserted.len())

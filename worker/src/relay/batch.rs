@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::health::Health;
 use crate::ident::TopicName;
 use crate::pubsub::{Verdict, classify, describe};
+use crate::trace::PublishSpan;
 
 /// Where one row stands.
 pub enum State {
@@ -68,6 +69,8 @@ pub struct Batch {
     pub stopped_short: bool,
     /// Payload bytes held by this batch (for the adaptive claim size).
     pub bytes: usize,
+    /// The batch's `publish` span, when traced; ends with the batch.
+    pub span: Option<PublishSpan>,
 }
 
 /// (topic, ordering key) pairs the publisher may hold paused after a failure,

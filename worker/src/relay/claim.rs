@@ -153,6 +153,7 @@ impl Relay {
             claimed_at: Instant::now(),
             stopped_short: false,
             bytes: 0,
+            span: crate::trace::publish_span(&self.config.topic, rows.len()),
         };
         let published = self.publish_rows(&mut batch, rows).instrument(span).await;
         batch.claimed_at = Instant::now();
@@ -203,6 +204,9 @@ impl Relay {
                 }
             };
             batch.bytes += prepared.bytes;
+            if let (Some(span), Some(carried)) = (&mut batch.span, &prepared.trace) {
+                span.link(carried);
+            }
             let ordering_key = prepared.message.ordering_key.clone();
             let future = self.publishers.publish(&prepared.topic, prepared.message);
             let entry = Entry {

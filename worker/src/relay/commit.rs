@@ -118,6 +118,13 @@ impl Committer {
             Ok(()) => {
                 self.health.ok(Component::Database);
                 self.record(&outcome, batch.claimed_at, &batch.entries);
+                if let Some(span) = &batch.span {
+                    span.finish(
+                        outcome.published.len(),
+                        outcome.dead.len(),
+                        outcome.failed.len(),
+                    );
+                }
                 Finished {
                     outcome,
                     end: End::Committed,

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::ident::TopicName;
 use crate::pubsub::MESSAGE_ID_ATTRIBUTE;
+use crate::trace::{self, Carried};
 
 /// Pub/Sub's limits (https://cloud.google.com/pubsub/quotas#resource_limits).
 pub mod limits {
@@ -55,6 +56,8 @@ pub struct Prepared {
     pub message: Message,
     /// Approximate size on the wire, for memory accounting.
     pub bytes: usize,
+    /// The trace context the row carries (see [`crate::trace`]).
+    pub trace: Option<Carried>,
 }
 
 /// Converts a row, or returns the reason it can never be published.
@@ -93,6 +96,13 @@ pub fn prepare(row: &OutboxRow, own_topic: &TopicName) -> Result<Prepared, Strin
             limits::MAX_ATTRIBUTES
         ));
     }
+    // Google's client libraries read the context under their own names; a
+    // row that leaves no room for them still carries the W3C ones.
+    let trace = if attributes.len() + 2 <= limits::MAX_ATTRIBUTES {
+        trace::add_google_names(&mut attributes)
+    } else {
+        Carried::from_attributes(|k| attributes.get(k).map(String::as_str))
+    };
 
     let ordering_key = row.ordering_key.clone().unwrap_or_default();
     if ordering_key.len() > limits::MAX_ORDERING_KEY_BYTES {
@@ -123,6 +133,7 @@ pub fn prepare(row: &OutboxRow, own_topic: &TopicName) -> Result<Prepared, Strin
         own_topic: is_own,
         message,
         bytes,
+        trace,
     })
 }
 

@@ -42,25 +42,25 @@ impl InboxEnv {
 
     /// Starts the real inbox binary on the inbox subscription.
     pub fn spawn_inbox(&self, extra: &[&str]) -> WorkerProcess {
+        self.spawn_inbox_with(extra, &[])
+    }
+
+    /// With extra flags and environment (later entries win).
+    pub fn spawn_inbox_with(&self, extra: &[&str], env: &[(&str, String)]) -> WorkerProcess {
         let port = devkit::free_port().expect("free port");
         let log = log_dir().join(format!("{}-inbox-{port}.log", self.env.name));
         let mut args = vec!["inbox"];
         args.extend_from_slice(extra);
-        WorkerProcess::spawn(
-            &worker_binary(),
-            &args,
-            &[
-                ("DATABASE_URL", self.env.database_url.clone()),
-                ("PUBSUB_SUBSCRIPTION", self.subscription.clone()),
-                ("PUBSUB_EMULATOR_HOST", self.env.emulator_host.clone()),
-                ("RETRY_MAX", "1s".to_owned()),
-                ("PROBE_INTERVAL", "500ms".to_owned()),
-                ("RUST_LOG", "info,outbox_worker=debug".to_owned()),
-            ],
-            port,
-            log,
-        )
-        .expect("spawn inbox")
+        let mut all = vec![
+            ("DATABASE_URL", self.env.database_url.clone()),
+            ("PUBSUB_SUBSCRIPTION", self.subscription.clone()),
+            ("PUBSUB_EMULATOR_HOST", self.env.emulator_host.clone()),
+            ("RETRY_MAX", "1s".to_owned()),
+            ("PROBE_INTERVAL", "500ms".to_owned()),
+            ("RUST_LOG", "info,outbox_worker=debug".to_owned()),
+        ];
+        all.extend(env.iter().cloned());
+        WorkerProcess::spawn(&worker_binary(), &args, &all, port, log).expect("spawn inbox")
     }
 
     /// Rows in the inbox table.

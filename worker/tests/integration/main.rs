@@ -25,3 +25,4 @@ mod outage;
 mod probes;
 mod refusals;
 mod shutdown;
+mod traces;
