@@ -99,7 +99,7 @@ fn render(args: &RenderArgs) -> anyhow::Result<String> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format == "json");
+    let _telemetry = telemetry::init(args.log_format == "json")?;
     let metrics = Arc::new(Metrics::new());
     let probes = Probes {
         ready: Arc::default(),

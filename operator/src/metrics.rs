@@ -49,6 +49,7 @@ impl Metrics {
     /// Creates and registers the metrics under the `outbox_operator` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("outbox_operator");
+        crate::telemetry::SpanMetrics::global().register(&mut registry);
         let reconciliations = Family::<OutcomeLabels, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));

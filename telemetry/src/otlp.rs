@@ -142,20 +142,71 @@ pub(crate) fn layer(
     Ok((layer, provider))
 }
 
-/// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME` (read by the SDK), and
-/// this program's name when neither names the service.
+/// The SDK's own attributes, `OTEL_RESOURCE_ATTRIBUTES` (percent-decoded,
+/// as the specification says and the SDK's detector does not do), and the
+/// service name: `OTEL_SERVICE_NAME`, else `service.name` among the
+/// attributes, else this program's name.
 fn resource(service: &'static str) -> Resource {
-    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| {
-            v.split(',')
-                .any(|kv| kv.trim().starts_with("service.name="))
-        });
-    let builder = Resource::builder();
-    if named {
-        builder.build()
-    } else {
-        builder.with_service_name(service).build()
+    let attributes = std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+        .map(|v| resource_attributes(&v))
+        .unwrap_or_default();
+    let name = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| {
+            attributes
+                .iter()
+                .find(|(k, _)| k == "service.name")
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|| service.to_owned());
+    Resource::builder_empty()
+        .with_detectors(&[Box::new(
+            opentelemetry_sdk::resource::TelemetryResourceDetector,
+        )])
+        .with_attributes(
+            attributes
+                .into_iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k, v)),
+        )
+        .with_service_name(name)
+        .build()
+}
+
+/// `key1=value1,key2=value2` with percent-encoded values; entries without
+/// `=` or with an empty key are skipped.
+fn resource_attributes(raw: &str) -> Vec<(String, String)> {
+    raw.split(',')
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            let key = key.trim();
+            (!key.is_empty()).then(|| (key.to_owned(), percent_decode(value.trim())))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let pair = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        );
+        match (bytes[i], pair) {
+            (b'%', (Some(h), Some(l))) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
     }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -169,6 +220,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         ExportConfig::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn resource_attributes_are_percent_decoded() {
+        assert_eq!(
+            resource_attributes("team=billing%20%26%20payments, k8s.pod.name=p-1,bad,=x,eq=a%3Db"),
+            vec![
+                ("team".to_owned(), "billing & payments".to_owned()),
+                ("k8s.pod.name".to_owned(), "p-1".to_owned()),
+                ("eq".to_owned(), "a=b".to_owned()),
+            ]
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
     }
 
     #[test]
