@@ -26,6 +26,7 @@ test-rust:
 
 test-python:
 	$(CARGO) build -q -p operator --bin outbox-operator
+	$(CARGO) build -q -p worker -p devkit --bins  # charts/tests/test_chart_alerts.py runs them
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator operator/tests/python/run.sh
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator charts/tests/run.sh
 
@@ -100,4 +101,5 @@ kind-down: ## Delete the kind cluster
 
 test-charts: ## Chart, RBAC, examples and Dockerfile checks (also run by test-python)
 	$(CARGO) build -q -p operator --bin outbox-operator
+	$(CARGO) build -q -p worker -p devkit --bins
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator charts/tests/run.sh

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Makes sure what the tests, the demo and the benchmarks run against is on this
-# machine: PostgreSQL server binaries, Java 17 and the Pub/Sub emulator, and a
-# Python virtualenv with the chart/manifest checkers. Installs what it can
-# (Debian packages when running as root, PyPI packages into .venv); for the
-# rest it says exactly what to install and fails.
+# machine: PostgreSQL server binaries, Java 17 and the Pub/Sub emulator, and
+# for the chart/manifest checks Prometheus, promtool and a Python virtualenv.
+# Installs what it can (Debian packages when running as root, PyPI packages
+# into .venv); for the rest it says exactly what to install and fails.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${VENV:-$repo/.venv}"
@@ -43,6 +43,21 @@ or with an existing gcloud:  gcloud components install pubsub-emulator
 and set PUBSUB_EMULATOR_BIN if it lives elsewhere.
 MSG
   exit 1
+fi
+
+# Prometheus and promtool check the chart's alert rules (charts/tests/test_chart_alerts.py).
+# The tests start their own Prometheus: Debian's service is kept from starting (policy-rc.d,
+# which invoke-rc.d and deb-systemd-invoke honour) and from starting at boot.
+if [[ "$want_python" == python ]] && ! { command -v prometheus && command -v promtool; } >/dev/null; then
+  policy=/usr/sbin/policy-rc.d
+  if [[ $(id -u) -eq 0 && ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
+  apt_install prometheus
+  if [[ -d /run/systemd/system ]]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # Python tools for the chart and manifest checks.

@@ -30,7 +30,7 @@ DEFAULT_KINDS = [
     "ServiceAccount",
 ]
 # Kinds the official schemas do not know (checked by shape below).
-NOT_IN_OFFICIAL_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NOT_IN_OFFICIAL_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 def lint_errors(values, kube_version):
@@ -65,7 +65,7 @@ def test_default_kinds(default_render):
 
 
 def test_full_kinds(full_render):
-    assert sorted(o["kind"] for o in objects(full_render)) == sorted(DEFAULT_KINDS + ["ServiceMonitor"])
+    assert sorted(o["kind"] for o in objects(full_render)) == sorted(DEFAULT_KINDS + ["ServiceMonitor", "PrometheusRule", "ConfigMap"])
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
