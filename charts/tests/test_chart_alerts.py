@@ -57,6 +57,7 @@ ALERTS = {
     ("inbox", "backlogGrowing"): "InboxBacklogGrowing",
     ("inbox", "errors"): "InboxErrors",
     ("inbox", "deadLetters"): "InboxDeadLetters",
+    ("inbox", "rowsParked"): "InboxRowsParked",
     ("inbox", "down"): "InboxDown",
 }
 
@@ -225,6 +226,9 @@ def test_thresholds_and_durations_in_the_rules():
         "sum by (namespace, job) (increase(outbox_dead_letter_total[15m])) > 0")
     assert rules["OutboxRelayDown"]["expr"] == (
         "up == 0 and on (namespace, job) group by (namespace, job) (last_over_time(outbox_is_leader[1d]))")
+    assert rules["InboxRowsParked"]["expr"] == "max by (namespace, job) (inbox_parked_rows) > 0"
+    assert rules["InboxRowsParked"]["for"] == "5m"
+    assert rules["InboxRowsParked"]["labels"]["severity"] == "warning"
 
 
 @pytest.mark.parametrize("group, key", sorted(ALERTS))
@@ -263,6 +267,8 @@ def test_group_by_labels_and_rule_labels(tmp_path):
     ({"alerts": {"relay": {"noLeader": {"severity": "very bad"}}}}, "/alerts/relay/noLeader/severity"),
     ({"alerts": {"relay": {"splitBrain": {"enabled": True}}}}, "splitBrain"),
     ({"alerts": {"inbox": {"down": {"seenWithin": ""}}}}, "/alerts/inbox/down/seenWithin"),
+    ({"alerts": {"inbox": {"rowsParked": {"threshold": -1}}}}, "/alerts/inbox/rowsParked/threshold"),
+    ({"alerts": {"inbox": {"rowsParked": {"window": "5m"}}}}, "/alerts/inbox/rowsParked"),
     ({"alerts": {"groupBy": []}}, "/alerts/groupBy"),
     ({"alerts": {"groupBy": ["app.kubernetes.io/instance"]}}, "/alerts/groupBy/0"),
     ({"alerts": {"ruleLabels": {"team-name": "x"}}}, "invalid propertyName .team-name."),
@@ -381,6 +387,7 @@ def test_dashboard_structure():
         "inbox_backlog",
         "histogram_quantile(0.99, sum by (namespace, job, le) (rate(inbox_store_latency_seconds_bucket",
         "inbox_dead_letter_total",
+        "inbox_parked_rows",
     ]:
         assert needed in exprs, needed
 
@@ -461,7 +468,7 @@ LIVE_VALUES = alert_values(relay={
     "down": {"for": "1s", "seenWithin": "10m"},
     "absent": {"for": "1s", "seenWithin": "10m"},
     "deadLetters": {"window": "10m"},
-})
+}, inbox={"rowsParked": {"for": "1s"}})
 # The relays' election lock (worker/src/leader/postgres.rs: KEY_SPACE << 32 | the table's OID).
 LEADER_LOCK_KEY = "(x'6f6272'::bigint << 32) | 'outbox'::regclass::oid::bigint"
 
@@ -790,6 +797,21 @@ def test_live_lag_alert_follows_the_relay(live):
     live.wait_no_alert("OutboxRelayAbsent")
     # The inbox worker ran through all of it without an alert.
     assert live.query(f'count_over_time(ALERTS{{alertname=~"Inbox.*"}}[{int(time.monotonic() - start) + 1}s])') == []
+
+
+def test_live_parked_rows_alert(live):
+    """Rows the application's processor parked, counted by the inbox worker's probe
+    (inbox_parked_rows): InboxRowsParked fires with their number, and clears once they are
+    skipped the way docs/alerts.md says (processed, parked_at cleared)."""
+    live.sql("INSERT INTO inbox (message_id, payload, ordering_key, attempts, last_error, parked_at) "
+             "SELECT 'parked-' || g, convert_to('poison', 'UTF8'), 'key-1', 5, 'handler failed', clock_timestamp() "
+             "FROM generate_series(1, 3) g")
+    (alert,) = live.wait_alert("InboxRowsParked")
+    assert alert["labels"] == {"alertname": "InboxRowsParked", "namespace": LIVE_NAMESPACE, "job": INBOX_JOB,
+                               "severity": "warning"}
+    assert alert["annotations"]["summary"] == f"Inbox {LIVE_NAMESPACE}/{INBOX_JOB}: 3 rows are parked"
+    live.sql("UPDATE inbox SET processed_at = clock_timestamp(), parked_at = NULL WHERE message_id LIKE 'parked-%'")
+    live.wait_no_alert("InboxRowsParked")
 
 
 def test_live_dashboard_queries_run(live):
