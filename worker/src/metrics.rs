@@ -164,6 +164,8 @@ pub struct InboxMetrics {
     pub backlog: Gauge,
     /// Seconds since the oldest unprocessed row was stored (sampled).
     pub oldest_unprocessed_age: Gauge<f64, AtomicU64>,
+    /// Rows parked after too many failed handler runs (sampled).
+    pub parked: Gauge,
     /// Seconds from Pub/Sub's publish time to the inbox commit.
     pub latency: Histogram,
     /// Messages per stored batch (one transaction each).
@@ -186,6 +188,7 @@ impl InboxMetrics {
             dead_lettered: Counter::default(),
             backlog: Gauge::default(),
             oldest_unprocessed_age: Gauge::default(),
+            parked: Gauge::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             db_errors: Counter::default(),
@@ -222,6 +225,11 @@ impl InboxMetrics {
             "oldest_unprocessed_age_seconds",
             "Seconds since the oldest unprocessed row was stored (sampled; 0 when none)",
             metrics.oldest_unprocessed_age.clone(),
+        );
+        r.register(
+            "parked_rows",
+            "Inbox rows parked after their handler failed the configured number of times, waiting for an operator (sampled; exact up to 100000)",
+            metrics.parked.clone(),
         );
         r.register(
             "store_latency_seconds",
@@ -302,6 +310,7 @@ mod tests {
             "inbox_dead_letter_total 0",
             "inbox_backlog 0",
             "inbox_oldest_unprocessed_age_seconds 0.0",
+            "inbox_parked_rows 0",
             "inbox_database_pool_timeouts_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");

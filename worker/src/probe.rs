@@ -33,6 +33,9 @@ pub struct ProbeQueries {
     /// Seconds since the oldest pending row was written (one `float8`, or
     /// no row when nothing is pending).
     pub oldest_age: String,
+    /// Rows given up on that wait for an operator (one `bigint`); the inbox
+    /// has them (parked rows), the outbox does not (dead letters leave it).
+    pub parked: Option<String>,
 }
 
 /// `SELECT` of the rows of `table` (quoted) matching `filter`, counted up
@@ -64,6 +67,8 @@ pub struct Probe {
     pub backlog: Gauge,
     /// Where the oldest pending row's age goes.
     pub oldest_age: Gauge<f64, AtomicU64>,
+    /// Where the parked-row count goes, with [`ProbeQueries::parked`].
+    pub parked: Option<Gauge>,
     /// The topic or subscription; `None` when no admin client could be built
     /// (readiness then follows the worker's own Pub/Sub calls).
     pub resource: Option<Arc<PubSubResource>>,
@@ -101,6 +106,13 @@ impl Probe {
                 .fetch_optional(&self.pool);
         if let Some(Some(age)) = self.answered(age, "oldest pending age").await {
             self.oldest_age.set(age.flatten().unwrap_or(0.0).max(0.0));
+        }
+        if let (Some(sql), Some(gauge)) = (&self.queries.parked, &self.parked) {
+            let parked =
+                sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.as_str())).fetch_one(&self.pool);
+            if let Some(Some(n)) = self.answered(parked, "parked rows").await {
+                gauge.set(n);
+            }
         }
     }
 

@@ -88,7 +88,34 @@ enum Section {
     Classic,
     /// 6. Inbox worker next to a bare pull+ack loop.
     Inbox,
+    /// 8. The relay with rows that carry trace contexts: not exporting, and
+    ///    exporting to an OTLP receiver at 1 % and 100 % sampling.
+    Tracing,
 }
+
+/// How a relay run of section 8 traces. Every row carries a sampled
+/// `traceparent` (the relay copies it to Google's attribute names).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tracing {
+    /// Rows without contexts, no exporter: sections 3 and 7.
+    Untraced,
+    /// Traced rows; this relay has no OTLP endpoint.
+    NotExporting,
+    /// Traced rows; the relay exports, sampling this ratio of its batches.
+    Exporting(f64),
+}
+
+impl Tracing {
+    fn label(self) -> String {
+        match self {
+            Tracing::Untraced => "rows without trace context".to_owned(),
+            Tracing::NotExporting => "traced rows, tracing off".to_owned(),
+            Tracing::Exporting(r) => format!("traced rows, exporting, {} % sampled", r * 100.0),
+        }
+    }
+}
+
+const TRACING_SECTION: &str = "8 tracing";
 
 const RELAY_FIGURE: &str = "relay: outbox -> Pub/Sub acknowledged -> deleted";
 const PROJECT_TOPICS: &str = "projects/bench/topics";
@@ -259,7 +286,13 @@ impl Results {
             .iter_mut()
             .find(|f| f.section == section && f.name == name && f.variant == variant)
         {
-            f.note = note;
+            // A figure may get notes from two places (section 8: spans
+            // counted while running, ratios at the end).
+            f.note = if f.note.is_empty() {
+                note
+            } else {
+                format!("{note}; {}", f.note)
+            };
         }
     }
 }
@@ -408,6 +441,9 @@ struct Bench {
     seq: usize,
     /// Machine CPU busy fraction during relay runs (all CPUs).
     relay_busy: Vec<f64>,
+    /// Where relays of section 8 export their spans (this process decodes
+    /// every export request, as a collector would).
+    otlp: Option<devkit::OtlpReceiver>,
 }
 
 impl Bench {
@@ -662,17 +698,16 @@ impl Bench {
         build: Build,
         topic: &str,
         name: &str,
+        env: &[(&str, String)],
     ) -> anyhow::Result<WorkerProcess> {
         // Backends that started before this relay are not its listener.
         let since: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
             .fetch_one(&self.pool)
             .await?;
-        let relay = self.spawn_worker(
-            build,
-            &["relay", "--leader-election", "none"],
-            &[("PUBSUB_TOPIC", topic.to_owned())],
-            name,
-        )?;
+        let mut all = vec![("PUBSUB_TOPIC", topic.to_owned())];
+        all.extend(env.iter().cloned());
+        let relay =
+            self.spawn_worker(build, &["relay", "--leader-election", "none"], &all, name)?;
         relay.wait_ready(Duration::from_secs(60)).await?;
         let pool = self.pool.clone();
         devkit::wait_for("the relay to LISTEN", Duration::from_secs(30), || {
@@ -696,20 +731,41 @@ impl Bench {
 
     /// N rows committed at once while the relay idles; time until Pub/Sub
     /// acknowledged all of them and they left the outbox.
-    async fn relay_throughput(&mut self, v: Variant, build: Build) -> anyhow::Result<()> {
+    async fn relay_throughput(
+        &mut self,
+        v: Variant,
+        build: Build,
+        tracing: Tracing,
+    ) -> anyhow::Result<()> {
         let n = self.args.rows;
         self.truncate("outbox").await?;
         let (topic, subs) = self
             .topic_with_subscriptions("relay", 1, v.keys > 0)
             .await?;
+        let mut env = Vec::new();
+        if let Tracing::Exporting(ratio) = tracing {
+            let receiver = self.otlp.as_ref().context("no OTLP receiver")?;
+            env.extend([
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint()),
+                ("OTEL_TRACES_SAMPLER", "traceidratio".to_owned()),
+                ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
+            ]);
+        }
         let mut relay = self
-            .start_relay(build, &topic, &format!("relay-{}-{}", v.slug(), self.seq))
+            .start_relay(
+                build,
+                &topic,
+                &format!("relay-{}-{}", v.slug(), self.seq),
+                &env,
+            )
             .await?;
         let pid = relay.pid().context("relay pid")?;
         let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
         let machine0 = cpu_sample();
         let programs0 = cpu_by_program();
-        let started = self.prefill_timed(n, v).await?;
+        let started = self
+            .prefill_timed(n, v, tracing != Tracing::Untraced)
+            .await?;
         let deadline = started + Duration::from_secs(300);
         loop {
             let published = relay
@@ -737,13 +793,41 @@ impl Bench {
             left == 0,
             "relay: {left} rows left in the outbox after all were published"
         );
+        // A clean stop flushes the relay's spans to the receiver.
+        let spans_before = self.otlp.as_ref().map_or(0, |r| r.spans().len());
         relay.terminate(Duration::from_secs(15)).await?;
+        let spans = self.otlp.as_ref().map_or(0, |r| r.spans().len()) - spans_before;
         self.drop_topic(&topic, &subs).await;
         if let (Some(b), Build::Current) = (busy_between(machine0, machine1), build) {
             self.relay_busy.push(b);
         }
         let label = v.label();
         let suffix = build.suffix();
+        if tracing != Tracing::Untraced {
+            let name = format!("relay, {}", tracing.label());
+            self.results
+                .add(TRACING_SECTION, &name, &label, "msg/s", n as f64 / elapsed);
+            self.results.add(
+                TRACING_SECTION,
+                &format!("relay CPU per 100k messages, {}", tracing.label()),
+                &label,
+                "cpu-s",
+                cpu / n as f64 * 100_000.0,
+            );
+            if let Tracing::Exporting(_) = tracing {
+                self.results.add(
+                    TRACING_SECTION,
+                    &format!(
+                        "spans the collector received per 100k messages, {}",
+                        tracing.label()
+                    ),
+                    &label,
+                    "spans",
+                    spans as f64 / n as f64 * 100_000.0,
+                );
+            }
+            return Ok(());
+        }
         self.results.add(
             "3 relay",
             &format!("{RELAY_FIGURE}{suffix}"),
@@ -803,15 +887,20 @@ impl Bench {
     /// Prefill in one statement (committed at once, like the relay sees it);
     /// returns the moment the commit returned. The VACUUM of `prefill` is
     /// skipped: the relay is already running.
-    async fn prefill_timed(&self, n: usize, v: Variant) -> anyhow::Result<Instant> {
-        let sql = "INSERT INTO outbox (payload, ordering_key) \
+    /// With `traced`, every row carries a sampled W3C context of its own
+    /// trace, as a traced producer writes it.
+    async fn prefill_timed(&self, n: usize, v: Variant, traced: bool) -> anyhow::Result<Instant> {
+        let sql = "INSERT INTO outbox (payload, ordering_key, attributes) \
              SELECT convert_to(rpad(i::text || ':', $1, 'x'), 'UTF8'), \
-                    CASE WHEN $2 > 0 THEN 'key-' || (i % greatest($2, 1)) END \
+                    CASE WHEN $2 > 0 THEN 'key-' || (i % greatest($2, 1)) END, \
+                    CASE WHEN $4 THEN jsonb_build_object('traceparent', \
+                        '00-' || md5(i::text) || '-' || left(md5('s' || i), 16) || '-01') END \
              FROM generate_series(1, $3) AS i";
         sqlx::query(sql)
             .bind(v.payload as i32)
             .bind(v.keys as i32)
             .bind(n as i32)
+            .bind(traced)
             .execute(&self.pool)
             .await?;
         Ok(Instant::now())
@@ -893,7 +982,12 @@ impl Bench {
         self.truncate("outbox").await?;
         let (topic, subs) = self.topic_with_subscriptions("latency", 1, false).await?;
         let mut relay = self
-            .start_relay(build, &topic, &format!("relay-latency-{rate}-{}", self.seq))
+            .start_relay(
+                build,
+                &topic,
+                &format!("relay-latency-{rate}-{}", self.seq),
+                &[],
+            )
             .await?;
         let received: Arc<Mutex<Vec<Receipt>>> = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
@@ -1446,6 +1540,59 @@ fn targets(
     rates: &[u64],
 ) -> Vec<(String, Option<bool>)> {
     let mut out = Vec::new();
+    // Tracing: exporting at 1 % within 5 % of not exporting; 100 % stated.
+    for v in variants {
+        let label = v.label();
+        let figure = |results: &Results, t: Tracing| {
+            results
+                .get(TRACING_SECTION, &format!("relay, {}", t.label()), &label)
+                .map(|f| f.median())
+        };
+        let off = figure(results, Tracing::NotExporting);
+        let untraced = results
+            .get("3 relay", RELAY_FIGURE, &label)
+            .map(|f| f.median());
+        for ratio in [0.01, 1.0] {
+            let on = Tracing::Exporting(ratio);
+            if let (Some(off), Some(r)) = (off, figure(results, on)) {
+                let name = format!("relay, {}", on.label());
+                results.note(
+                    TRACING_SECTION,
+                    &name,
+                    &label,
+                    format!("{:.3} x tracing off", r / off),
+                );
+                if ratio < 1.0 {
+                    out.push((
+                        format!(
+                            "tracing at 1 % >= 0.95 x tracing off, {label}: {:.3} ({} / {} msg/s)",
+                            r / off,
+                            fmt_int(r),
+                            fmt_int(off)
+                        ),
+                        Some(r / off >= 0.95),
+                    ));
+                } else {
+                    out.push((
+                        format!(
+                            "tracing at 100 %, {label}: {:.3} x tracing off ({} msg/s), stated",
+                            r / off,
+                            fmt_int(r)
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
+        if let (Some(off), Some(u)) = (off, untraced) {
+            results.note(
+                TRACING_SECTION,
+                &format!("relay, {}", Tracing::NotExporting.label()),
+                &label,
+                format!("{:.3} x rows without context (section 3)", off / u),
+            );
+        }
+    }
     // Ratios relay / min(ceilings), classic speed-up.
     for v in variants {
         let label = v.label();
@@ -1617,7 +1764,11 @@ async fn main() -> anyhow::Result<()> {
         results: Results::default(),
         seq: 0,
         relay_busy: Vec::new(),
+        otlp: None,
     };
+    if bench.wants(Section::Tracing) {
+        bench.otlp = Some(devkit::OtlpReceiver::start().await?);
+    }
     eprintln!(
         "   logs of the worker processes: {}",
         bench.logs.path().display()
@@ -1630,9 +1781,13 @@ async fn main() -> anyhow::Result<()> {
         for &v in &variants {
             bench.pubsub_ceiling(v).await?;
         }
-        bench.relay_throughput(variants[0], Build::Current).await?;
+        bench
+            .relay_throughput(variants[0], Build::Current, Tracing::Untraced)
+            .await?;
         if bench.baseline.is_some() {
-            bench.relay_throughput(variants[0], Build::Baseline).await?;
+            bench
+                .relay_throughput(variants[0], Build::Baseline, Tracing::Untraced)
+                .await?;
         }
         bench.results = Results::default();
         bench.relay_busy.clear();
@@ -1652,15 +1807,29 @@ async fn main() -> anyhow::Result<()> {
             }
             if bench.wants(Section::Relay) {
                 eprintln!("   relay, {}", v.label());
-                bench.relay_throughput(v, Build::Current).await?;
+                bench
+                    .relay_throughput(v, Build::Current, Tracing::Untraced)
+                    .await?;
                 if bench.baseline.is_some() {
                     eprintln!("   relay [baseline], {}", v.label());
-                    bench.relay_throughput(v, Build::Baseline).await?;
+                    bench
+                        .relay_throughput(v, Build::Baseline, Tracing::Untraced)
+                        .await?;
                 }
             }
             if bench.wants(Section::Classic) {
                 eprintln!("   classic loop, {}", v.label());
                 bench.classic(v).await?;
+            }
+            if bench.wants(Section::Tracing) {
+                for tracing in [
+                    Tracing::NotExporting,
+                    Tracing::Exporting(0.01),
+                    Tracing::Exporting(1.0),
+                ] {
+                    eprintln!("   relay, {}, {}", v.label(), tracing.label());
+                    bench.relay_throughput(v, Build::Current, tracing).await?;
+                }
             }
         }
         if bench.wants(Section::Inbox) {

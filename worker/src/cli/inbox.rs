@@ -111,6 +111,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
             queries: store.probe_queries(),
             backlog: metrics.backlog.clone(),
             oldest_age: metrics.oldest_unprocessed_age.clone(),
+            parked: Some(metrics.parked.clone()),
             resource,
             health: health.clone(),
             interval: args.probe_interval,

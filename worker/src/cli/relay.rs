@@ -235,6 +235,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             queries: store.probe_queries(),
             backlog: metrics.backlog.clone(),
             oldest_age: metrics.oldest_pending_age.clone(),
+            parked: None,
             resource,
             health: health.clone(),
             interval: args.probe_interval,

@@ -24,6 +24,7 @@ pub struct InboxStore {
     insert_dead: String,
     backlog: String,
     oldest_age: String,
+    parked: String,
 }
 
 /// Errors that name the table involved.
@@ -56,6 +57,7 @@ impl InboxStore {
                 &t,
                 Some("processed_at IS NULL AND parked_at IS NULL"),
             ),
+            parked: crate::probe::capped_count(&t, Some("parked_at IS NOT NULL")),
             oldest_age: format!(
                 "SELECT EXTRACT(EPOCH FROM clock_timestamp() - received_at)::float8 FROM {t} \
                  WHERE processed_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1"
@@ -165,6 +167,7 @@ impl InboxStore {
         crate::probe::ProbeQueries {
             backlog: self.backlog.clone(),
             oldest_age: self.oldest_age.clone(),
+            parked: Some(self.parked.clone()),
         }
     }
 }

@@ -242,20 +242,25 @@ mod tests {
     fn a_trace_context_is_also_sent_under_googles_names_when_there_is_room() {
         let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let p = prepare(
-            &row(b"x", Some(json!({"traceparent": parent, "tracestate": "a=1"}))),
+            &row(
+                b"x",
+                Some(json!({"traceparent": parent, "tracestate": "a=1"})),
+            ),
             &topic(),
         )
         .unwrap();
         assert_eq!(p.message.attributes["googclient_traceparent"], parent);
         assert_eq!(p.message.attributes["googclient_tracestate"], "a=1");
         assert_eq!(p.trace.unwrap().traceparent, parent);
-        assert!(p.bytes > 2 * parent.len(), "the copies count toward the size");
+        assert!(
+            p.bytes > 2 * parent.len(),
+            "the copies count toward the size"
+        );
 
         // 98 attributes + message-id + traceparent: no room for the copies,
         // and the row is still published.
-        let mut full: serde_json::Map<String, serde_json::Value> = (0..98)
-            .map(|i| (format!("a{i}"), json!("v")))
-            .collect();
+        let mut full: serde_json::Map<String, serde_json::Value> =
+            (0..98).map(|i| (format!("a{i}"), json!("v"))).collect();
         full.insert("traceparent".into(), json!(parent));
         let p = prepare(&row(b"x", Some(full.into())), &topic()).unwrap();
         assert_eq!(p.message.attributes.len(), limits::MAX_ATTRIBUTES);
@@ -264,7 +269,12 @@ mod tests {
 
         let plain = prepare(&row(b"x", None), &topic()).unwrap();
         assert!(plain.trace.is_none());
-        assert!(!plain.message.attributes.contains_key("googclient_traceparent"));
+        assert!(
+            !plain
+                .message
+                .attributes
+                .contains_key("googclient_traceparent")
+        );
     }
 
     #[test]

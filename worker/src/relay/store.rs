@@ -246,6 +246,7 @@ impl OutboxStore {
         crate::probe::ProbeQueries {
             backlog: self.backlog.clone(),
             oldest_age: self.oldest_age.clone(),
+            parked: None,
         }
     }
 }

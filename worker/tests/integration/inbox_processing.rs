@@ -93,6 +93,12 @@ async fn inbox_processing_retries_failures_and_applies_effects_once() {
     })
     .await
     .expect("parked");
+    // The inbox worker's probe reports it, for the InboxRowsParked alert.
+    devkit::wait_for("inbox_parked_rows = 1", WAIT, || async {
+        (inbox.metric("inbox_parked_rows").await? == 1.0).then_some(())
+    })
+    .await
+    .expect("the parked row is counted");
     let blocked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM inbox WHERE ordering_key = 'k2' AND (attributes->>'seq')::int > 7",
     )

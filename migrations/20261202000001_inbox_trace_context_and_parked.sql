@@ -5,3 +5,7 @@
 -- no trace.
 ALTER TABLE inbox ADD COLUMN IF NOT EXISTS traceparent TEXT;
 ALTER TABLE inbox ADD COLUMN IF NOT EXISTS tracestate  TEXT;
+
+-- Parked rows wait for an operator; the inbox worker counts them for the
+-- `inbox_parked_rows` gauge (and its alert) without scanning the table.
+CREATE INDEX IF NOT EXISTS inbox_parked_idx ON inbox (id) WHERE parked_at IS NOT NULL;
