@@ -372,6 +372,16 @@ async fn sampling_off_exports_no_spans() {
         .expect("spans");
 }
 
+/// Waits until the relay counted spans dropped for `reason`.
+async fn wait_for_drops(relay: &devkit::WorkerProcess, reason: &str) {
+    let metric = format!("otel_spans_dropped_total{{reason=\"{reason}\"}}");
+    devkit::wait_for(&format!("{reason} drops counted"), WAIT, || async {
+        (relay.metric(&metric).await? > 0.0).then_some(())
+    })
+    .await
+    .expect("dropped spans counted");
+}
+
 /// Accepts connections and never answers: a collector that hangs.
 async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -398,14 +408,7 @@ async fn a_dead_collector_costs_nothing_but_dropped_spans() {
         .wait_distinct(20, WAIT)
         .await
         .expect("delivered while refused");
-    devkit::wait_for("export failures counted", WAIT, || async {
-        let failed = relay
-            .metric("otel_spans_dropped_total{reason=\"export_failed\"}")
-            .await?;
-        (failed > 0.0).then_some(())
-    })
-    .await
-    .expect("export_failed");
+    wait_for_drops(&relay, "export_failed").await;
     relay
         .terminate(Duration::from_secs(20))
         .await
@@ -426,13 +429,6 @@ async fn a_dead_collector_costs_nothing_but_dropped_spans() {
         .await
         .expect("delivered while hanging");
     assert_per_key_order(&received);
-    devkit::wait_for("queue-full drops counted", WAIT, || async {
-        let dropped = relay
-            .metric("otel_spans_dropped_total{reason=\"queue_full\"}")
-            .await?;
-        (dropped > 0.0).then_some(())
-    })
-    .await
-    .expect("queue_full");
+    wait_for_drops(&relay, "queue_full").await;
     assert_eq!(relay.metric("otel_spans_exported_total").await, Some(0.0));
 }
