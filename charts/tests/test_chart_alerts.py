@@ -52,6 +52,7 @@ ALERTS = {
     ("relay", "databaseErrors"): "OutboxRelayDatabaseErrors",
     ("relay", "deadLetters"): "OutboxRelayDeadLetters",
     ("relay", "down"): "OutboxRelayDown",
+    ("relay", "notReady"): "OutboxRelayNotReady",
     ("relay", "absent"): "OutboxRelayAbsent",
     ("inbox", "lagging"): "InboxLagging",
     ("inbox", "backlogGrowing"): "InboxBacklogGrowing",
@@ -59,6 +60,7 @@ ALERTS = {
     ("inbox", "deadLetters"): "InboxDeadLetters",
     ("inbox", "rowsParked"): "InboxRowsParked",
     ("inbox", "down"): "InboxDown",
+    ("inbox", "notReady"): "InboxNotReady",
 }
 
 
@@ -229,6 +231,13 @@ def test_thresholds_and_durations_in_the_rules():
     assert rules["InboxRowsParked"]["expr"] == "max by (namespace, job) (inbox_parked_rows) > 0"
     assert rules["InboxRowsParked"]["for"] == "5m"
     assert rules["InboxRowsParked"]["labels"]["severity"] == "warning"
+    # Per replica: every label of the series, `instance` and the groupBy ones included, is kept.
+    assert rules["OutboxRelayNotReady"]["expr"] == "outbox_ready == 0"
+    assert rules["InboxNotReady"]["expr"] == "inbox_ready == 0"
+    for name in ("OutboxRelayNotReady", "InboxNotReady"):
+        assert rules[name]["for"] == "5m", name
+        assert rules[name]["labels"]["severity"] == "warning", name
+        assert "{{ $labels.instance }}" in rules[name]["annotations"]["summary"], name
 
 
 @pytest.mark.parametrize("group, key", sorted(ALERTS))
@@ -252,7 +261,7 @@ def test_group_by_labels_and_rule_labels(tmp_path):
     for name, r in rules_by_alert(rule).items():
         assert r["labels"] == {"severity": r["labels"]["severity"], "team": "payments"}, name
         assert "runbook_url" not in r["annotations"], name
-        assert "by (namespace, app_kubernetes_io_instance)" in r["expr"] or name.endswith("Down"), name
+        assert "by (namespace, app_kubernetes_io_instance)" in r["expr"] or name.endswith(("Down", "NotReady")), name
         assert "on (namespace, app_kubernetes_io_instance)" in r["expr"] or not name.endswith("Down"), name
         assert "job" not in r["expr"], name
         assert "{{ $labels.namespace }}/{{ $labels.app_kubernetes_io_instance }}" in r["annotations"]["summary"], name
@@ -269,6 +278,8 @@ def test_group_by_labels_and_rule_labels(tmp_path):
     ({"alerts": {"inbox": {"down": {"seenWithin": ""}}}}, "/alerts/inbox/down/seenWithin"),
     ({"alerts": {"inbox": {"rowsParked": {"threshold": -1}}}}, "/alerts/inbox/rowsParked/threshold"),
     ({"alerts": {"inbox": {"rowsParked": {"window": "5m"}}}}, "/alerts/inbox/rowsParked"),
+    ({"alerts": {"relay": {"notReady": {"threshold": 0}}}}, "/alerts/relay/notReady"),
+    ({"alerts": {"inbox": {"notReady": {"for": "soon"}}}}, "/alerts/inbox/notReady/for"),
     ({"alerts": {"groupBy": []}}, "/alerts/groupBy"),
     ({"alerts": {"groupBy": ["app.kubernetes.io/instance"]}}, "/alerts/groupBy/0"),
     ({"alerts": {"ruleLabels": {"team-name": "x"}}}, "invalid propertyName .team-name."),
@@ -382,12 +393,14 @@ def test_dashboard_structure():
         "outbox_publish_errors_total",  # errors
         "outbox_dead_letter_total",  # dead letters
         "outbox_is_leader",  # leader
+        "sum by (namespace, job) (outbox_ready",  # ready replicas
         "inbox_messages_stored_total",
         "inbox_oldest_unprocessed_age_seconds",
         "inbox_backlog",
         "histogram_quantile(0.99, sum by (namespace, job, le) (rate(inbox_store_latency_seconds_bucket",
         "inbox_dead_letter_total",
         "inbox_parked_rows",
+        "sum by (namespace, job) (inbox_ready",
     ]:
         assert needed in exprs, needed
 
@@ -449,6 +462,8 @@ def test_queries_name_only_metrics_the_workers_export(live):
     for name, r in rules_by_alert(rule_object(alert_values())).items():
         unknown += [(name, n) for n in sorted(metric_names(r["expr"]) - exported)]
     assert unknown == [], f"names the workers do not export (they export {sorted(live.exported)})"
+    # The readiness gauges of the NotReady alerts, by name (worker/src/metrics.rs).
+    assert {"outbox_ready", "inbox_ready"} <= exported
     # The check has teeth: a misspelt name, or a histogram suffix on a gauge, is caught.
     assert metric_names("rate(outbox_messages_publishd_total[5m])") - exported == {"outbox_messages_publishd_total"}
     assert metric_names("outbox_backlog_bucket") - exported == {"outbox_backlog_bucket"}
@@ -468,7 +483,8 @@ LIVE_VALUES = alert_values(relay={
     "down": {"for": "1s", "seenWithin": "10m"},
     "absent": {"for": "1s", "seenWithin": "10m"},
     "deadLetters": {"window": "10m"},
-}, inbox={"rowsParked": {"for": "1s"}})
+    "notReady": {"for": "2s"},
+}, inbox={"rowsParked": {"for": "1s"}, "notReady": {"for": "2s"}})
 # The relays' election lock (worker/src/leader/postgres.rs: KEY_SPACE << 32 | the table's OID).
 LEADER_LOCK_KEY = "(x'6f6272'::bigint << 32) | 'outbox'::regclass::oid::bigint"
 
@@ -596,13 +612,16 @@ class Live:
         env.update(PUBSUB_EMULATOR_HOST=self.infra["emulator_host"], RUST_LOG="info", LOG_FORMAT="text")
         return env
 
-    def start_relay(self):
+    def start_relay(self, topic=None):
+        """Starts the relay (on the scraped port); with another topic than the stack's, one that
+        cannot be ready, without waiting for it to be."""
         self.relay = self.procs.start("relay", [
-            self.worker, "relay", "--database-url", self.infra["database_url"], "--topic", self.infra["topic"],
+            self.worker, "relay", "--database-url", self.infra["database_url"], "--topic", topic or self.infra["topic"],
             "--health-addr", f"127.0.0.1:{self.relay_port}", "--probe-interval", "500ms",
             "--leader-election", "postgres", "--max-publish-attempts", "1", "--retry-max", "1s",
         ], env=self.worker_env())
-        wait_until("the relay to be ready", lambda: self.ready(self.relay_port), 60, self.procs.tails)
+        if topic is None:
+            wait_until("the relay to be ready", lambda: self.ready(self.relay_port), 60, self.procs.tails)
 
     @staticmethod
     def ready(port):
@@ -774,6 +793,7 @@ def test_live_lag_alert_follows_the_relay(live):
         f"AND ((l.classid::bigint << 32) | l.objid::bigint) = {LEADER_LOCK_KEY}") == "1", 30, live.diagnose)
     live.sql("INSERT INTO outbox (payload) SELECT convert_to('late ' || g, 'UTF8') FROM generate_series(1, 50) g")
     live.start_relay()
+    standby_since = time.monotonic()
 
     (alert,) = live.wait_alert("OutboxRelayLagging")
     assert alert["labels"] == {"alertname": "OutboxRelayLagging", "namespace": LIVE_NAMESPACE, "job": RELAY_JOB,
@@ -784,6 +804,13 @@ def test_live_lag_alert_follows_the_relay(live):
     live.wait_alert("OutboxRelayNoLeader")
     live.wait_no_alert("OutboxRelayDown")
     assert live.pending_rows() == 50, "the standby published"
+    # A standby is ready (its dependencies answer; not leading is no failure): it reported
+    # outbox_ready 1 all along, and OutboxRelayNotReady stays quiet.
+    seconds = int(time.monotonic() - standby_since)
+    assert seconds >= 3, seconds
+    ready = live.query(f'min_over_time(outbox_ready{{job="{RELAY_JOB}"}}[{seconds}s])')
+    assert [r["value"][1] for r in ready] == ["1"], ready
+    assert [a for a in live.api("alerts")["alerts"] if a["labels"]["alertname"] == "OutboxRelayNotReady"] == []
     for a in live.api("alerts")["alerts"]:
         for text in a["annotations"].values():
             assert "{{" not in text and "<no value>" not in text, text
@@ -795,8 +822,42 @@ def test_live_lag_alert_follows_the_relay(live):
     live.wait_no_alert("OutboxRelayLagging")
     live.wait_no_alert("OutboxRelayNoLeader")
     live.wait_no_alert("OutboxRelayAbsent")
-    # The inbox worker ran through all of it without an alert.
-    assert live.query(f'count_over_time(ALERTS{{alertname=~"Inbox.*"}}[{int(time.monotonic() - start) + 1}s])') == []
+    # The inbox worker ran through all of it without an alert, and no relay replica was found
+    # not ready (a restarting one may show 0 until its first probe: not for `for`).
+    seconds = int(time.monotonic() - start) + 1
+    assert live.query(f'count_over_time(ALERTS{{alertname=~"Inbox.*"}}[{seconds}s])') == []
+    assert live.query(f'count_over_time(ALERTS{{alertname="OutboxRelayNotReady", alertstate="firing"}}[{seconds}s])') == []
+
+
+def test_live_not_ready_alert(live):
+    """A relay replica whose topic does not exist runs and is scraped, but is not ready:
+    outbox_ready 0, and OutboxRelayNotReady fires for that replica (instance) while /readyz
+    names the topic; the relay back with its topic is ready and the alert clears."""
+    assert live.pending_rows() == 0  # nothing for the broken relay to dead-letter
+    assert Processes.stop(live.relay) == 0
+    missing = f"projects/{live.infra['project']}/topics/no-such-topic"
+    live.start_relay(topic=missing)
+
+    def readyz_body():
+        try:
+            http_get(f"http://127.0.0.1:{live.relay_port}/readyz")
+        except urllib.error.HTTPError as e:
+            return e.code == 503 and e.read().decode()
+        return False
+
+    body = wait_until("the relay to say why it is not ready", readyz_body, 60, live.procs.tails)
+    assert f"pubsub: topic {missing} does not exist" in body, body
+    (alert,) = live.wait_alert("OutboxRelayNotReady")
+    instance = f"127.0.0.1:{live.relay_port}"
+    assert alert["labels"] == {"alertname": "OutboxRelayNotReady", "namespace": LIVE_NAMESPACE, "job": RELAY_JOB,
+                               "instance": instance, "severity": "warning"}
+    assert alert["annotations"]["summary"] == f"Outbox relay {LIVE_NAMESPACE}/{RELAY_JOB}: replica {instance} is not ready"
+    assert "{{" not in alert["annotations"]["description"]
+
+    assert Processes.stop(live.relay) == 0
+    live.start_relay()
+    live.wait_no_alert("OutboxRelayNotReady")
+    assert live.alerts("InboxNotReady", state="pending") == [] and live.alerts("InboxNotReady") == []
 
 
 def test_live_parked_rows_alert(live):
