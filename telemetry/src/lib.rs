@@ -41,8 +41,8 @@ pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
-/// Keeps the exporter alive; dropping it flushes what is queued (bounded by
-/// the exporter's timeout) and shuts the exporter down.
+/// Keeps the exporter alive; dropping it flushes what is queued (for at
+/// most the SDK's shutdown timeout, 5 s) and shuts the exporter down.
 #[must_use = "dropping the guard shuts the trace exporter down"]
 pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,

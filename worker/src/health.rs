@@ -8,7 +8,8 @@
 //! - `GET /metrics` — Prometheus text format.
 //!
 //! Served with axum; the body of a failing probe says which dependency failed
-//! and why, for `kubectl describe pod`.
+//! and why (`curl <pod>:8080/readyz`: `kubectl describe pod` shows only the
+//! status code); the probe also exports readiness as `*_ready` for alerts.
 
 use axum::Router;
 use axum::extract::State;
@@ -20,6 +21,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// What readiness needs, for `/readyz` and the `*_ready` metric alike.
+pub const READINESS: [Component; 2] = [Component::Database, Component::PubSub];
 
 /// A dependency whose reachability decides readiness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -47,6 +47,8 @@ pub struct RelayMetrics {
     pub publishers: Gauge,
     /// 1 while this replica holds leadership (always 1 without leader election).
     pub is_leader: Gauge,
+    /// 1 while `/readyz` would answer 200 (sampled by the probe).
+    pub ready: Gauge,
     /// Times this replica gained or lost leadership.
     pub leader_transitions: Counter,
 }
@@ -69,6 +71,7 @@ impl RelayMetrics {
             attempts_exhausted: Counter::default(),
             publishers: Gauge::default(),
             is_leader: Gauge::default(),
+            ready: Gauge::default(),
             leader_transitions: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("outbox");
@@ -137,6 +140,11 @@ impl RelayMetrics {
             "Times this replica gained or lost leadership",
             metrics.leader_transitions.clone(),
         );
+        r.register(
+            "ready",
+            "1 while the relay's dependencies (PostgreSQL, Pub/Sub and its topic) answer, as /readyz says (sampled)",
+            metrics.ready.clone(),
+        );
         metrics
     }
 
@@ -166,6 +174,8 @@ pub struct InboxMetrics {
     pub oldest_unprocessed_age: Gauge<f64, AtomicU64>,
     /// Rows parked after too many failed handler runs (sampled).
     pub parked: Gauge,
+    /// 1 while `/readyz` would answer 200 (sampled by the probe).
+    pub ready: Gauge,
     /// Seconds from Pub/Sub's publish time to the inbox commit.
     pub latency: Histogram,
     /// Messages per stored batch (one transaction each).
@@ -189,6 +199,7 @@ impl InboxMetrics {
             backlog: Gauge::default(),
             oldest_unprocessed_age: Gauge::default(),
             parked: Gauge::default(),
+            ready: Gauge::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             db_errors: Counter::default(),
@@ -225,6 +236,11 @@ impl InboxMetrics {
             "oldest_unprocessed_age_seconds",
             "Seconds since the oldest unprocessed row was stored (sampled; 0 when none)",
             metrics.oldest_unprocessed_age.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while the inbox worker's dependencies (PostgreSQL, Pub/Sub and its subscription) answer, as /readyz says (sampled)",
+            metrics.ready.clone(),
         );
         r.register(
             "parked_rows",
@@ -292,6 +308,7 @@ mod tests {
             "outbox_database_pool_timeouts_total 0",
             "outbox_publish_attempts_exhausted_total 0",
             "outbox_topic_publishers 0",
+            "outbox_ready 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
@@ -311,6 +328,7 @@ mod tests {
             "inbox_backlog 0",
             "inbox_oldest_unprocessed_age_seconds 0.0",
             "inbox_parked_rows 0",
+            "inbox_ready 0",
             "inbox_database_pool_timeouts_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");

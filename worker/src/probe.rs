@@ -74,6 +74,8 @@ pub struct Probe {
     pub resource: Option<Arc<PubSubResource>>,
     /// Where readiness goes.
     pub health: Health,
+    /// Readiness as a metric, for alerts (1 ready, 0 not).
+    pub ready: Gauge,
     /// Time between checks, and the timeout of each.
     pub interval: Duration,
 }
@@ -85,6 +87,8 @@ impl Probe {
         loop {
             self.check_database().await;
             self.check_pubsub(&mut warned_permission).await;
+            let ready = self.health.ready(&crate::health::READINESS).is_ok();
+            self.ready.set(i64::from(ready));
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {},
                 _ = stop.cancelled() => return,

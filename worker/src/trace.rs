@@ -94,14 +94,18 @@ impl Extractor for Carried {
 /// `traceparent` is `version-traceid-spanid-flags`; bit 0 of the flags is
 /// `sampled`.
 fn sampled_flag(traceparent: &str) -> bool {
-    let flags = traceparent.trim().rsplit('-').next().unwrap_or("");
+    // The fourth field: later versions may append fields after it.
+    let flags = traceparent.trim().split('-').nth(3).unwrap_or("");
     u8::from_str_radix(flags, 16).is_ok_and(|f| f & 1 == 1)
 }
 
-/// Writes the current span's context into `attributes` (unless they carry
-/// one already, or there is no valid current context).
+/// Writes the current span's context into `attributes`, unless they carry
+/// one already, there is no valid current context, or there is no room:
+/// Pub/Sub allows 100 attributes, and the relay adds `message-id` and the
+/// two `googclient_` copies when it can, so a context never makes a
+/// publishable message unpublishable.
 pub fn inject_current(attributes: &mut BTreeMap<String, String>) {
-    if attributes.contains_key(TRACEPARENT) {
+    if attributes.contains_key(TRACEPARENT) || attributes.len() + 3 > MAX_ATTRIBUTES {
         return;
     }
     let cx = tracing::Span::current().context();
@@ -109,7 +113,14 @@ pub fn inject_current(attributes: &mut BTreeMap<String, String>) {
         return;
     }
     TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(attributes));
+    // The propagator writes an empty `tracestate` too; it carries nothing.
+    if attributes.get(TRACESTATE).is_some_and(|s| s.is_empty()) {
+        attributes.remove(TRACESTATE);
+    }
 }
+
+/// Pub/Sub's limit of attributes per message.
+const MAX_ATTRIBUTES: usize = crate::relay::message::limits::MAX_ATTRIBUTES;
 
 struct MapInjector<'a>(&'a mut BTreeMap<String, String>);
 
@@ -184,6 +195,15 @@ impl PublishSpan {
         }
     }
 
+    /// Marks the batch failed when its commit failed (its rows are
+    /// published again).
+    pub fn commit_failed(&self, error: &sqlx::Error) {
+        self.span
+            .set_status(opentelemetry::trace::Status::error(format!(
+                "commit failed: {error}"
+            )));
+    }
+
     /// Records how the batch ended.
     pub fn finish(&self, published: usize, dead_lettered: usize, retried: usize) {
         self.span
@@ -255,7 +275,8 @@ pub fn process_span(
         outbox.message_id = message_id,
         outbox.attempt = attempt,
     );
-    if let Some(carried) = carried {
+    // A malformed context is ignored: the span keeps its contextual parent.
+    if let Some(carried) = carried.filter(|c| c.span_context().is_some()) {
         set_parent(&span, carried);
     }
     span
@@ -286,6 +307,13 @@ mod tests {
         ));
         assert!(!sampled_flag("garbage"));
         assert!(!sampled_flag(""));
+    }
+
+    #[test]
+    fn a_later_version_with_more_fields_is_read_at_the_fourth() {
+        assert!(sampled_flag(
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future"
+        ));
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
             backlog: metrics.backlog.clone(),
             oldest_age: metrics.oldest_unprocessed_age.clone(),
             parked: Some(metrics.parked.clone()),
+            ready: metrics.ready.clone(),
             resource,
             health: health.clone(),
             interval: args.probe_interval,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
 use outbox_telemetry::LogFormat;
-use outbox_worker::health::{self, Component, Health};
+use outbox_worker::health::{self, Health};
 use outbox_worker::probe::Probe;
 use outbox_worker::pubsub::Endpoint;
 use prometheus_client::registry::Registry;
@@ -100,7 +100,7 @@ impl Sidecars {
         let server = tokio::spawn(health::serve(
             listener,
             health.clone(),
-            vec![Component::Database, Component::PubSub],
+            health::READINESS.to_vec(),
             registry,
             stop.clone(),
         ));

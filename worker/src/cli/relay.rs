@@ -236,6 +236,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             backlog: metrics.backlog.clone(),
             oldest_age: metrics.oldest_pending_age.clone(),
             parked: None,
+            ready: metrics.ready.clone(),
             resource,
             health: health.clone(),
             interval: args.probe_interval,

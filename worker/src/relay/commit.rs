@@ -131,11 +131,16 @@ impl Committer {
                     commit_error: None,
                 }
             }
-            Err(e) => Finished {
-                outcome,
-                end: End::CommitFailed,
-                commit_error: Some(e),
-            },
+            Err(e) => {
+                if let Some(span) = &batch.span {
+                    span.commit_failed(&e);
+                }
+                Finished {
+                    outcome,
+                    end: End::CommitFailed,
+                    commit_error: Some(e),
+                }
+            }
         }
     }
 

@@ -19,6 +19,16 @@ async fn wait_not_ready(relay: &devkit::WorkerProcess, component: &str) {
     )
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.log()));
+    wait_ready_metric(relay, 0.0).await;
+}
+
+/// `outbox_ready` (what the readiness alert reads) follows `/readyz`.
+async fn wait_ready_metric(relay: &devkit::WorkerProcess, value: f64) {
+    wait_for(&format!("outbox_ready = {value}"), WAIT, || async {
+        (relay.metric("outbox_ready").await? == value).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.log()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,6 +51,7 @@ async fn database_restart_and_emulator_outage_lose_nothing() {
         .wait_ready(WAIT)
         .await
         .expect("ready after the database came back");
+    wait_ready_metric(&relay, 1.0).await;
     ids.extend(insert(&env.pool, &numbered(20_000, 1_000, 10)).await);
     env.collector
         .wait_distinct(ids.len(), WAIT)

@@ -3,9 +3,11 @@
 -- `googclient_` ones), kept with the row so that the processor runs the
 -- handler inside a span of the producer's trace. NULL: the message started
 -- no trace.
+--
+-- Nullable columns without a default: a change of the catalog only, but it
+-- needs the table's lock for a moment. Rather than queue behind a long
+-- transaction (and make every statement on the inbox queue behind it), the
+-- migration gives up after 10 s; run `outbox-worker migrate` again.
+SET LOCAL lock_timeout = '10s';
 ALTER TABLE inbox ADD COLUMN IF NOT EXISTS traceparent TEXT;
 ALTER TABLE inbox ADD COLUMN IF NOT EXISTS tracestate  TEXT;
-
--- Parked rows wait for an operator; the inbox worker counts them for the
--- `inbox_parked_rows` gauge (and its alert) without scanning the table.
-CREATE INDEX IF NOT EXISTS inbox_parked_idx ON inbox (id) WHERE parked_at IS NOT NULL;
