@@ -421,14 +421,17 @@ async fn a_dead_collector_costs_nothing_but_dropped_spans() {
     hanging.push(("OTEL_BSP_MAX_QUEUE_SIZE", "4".to_owned()));
     hanging.push(("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2".to_owned()));
     let relay = env.spawn_relay_with(&[], &hanging);
-    // One row per transaction: one batch, one span each.
-    insert_traced(&env.pool, 20, 200).await;
-    let received = env
-        .collector
-        .wait_distinct(220, WAIT)
-        .await
-        .expect("delivered while hanging");
-    assert_per_key_order(&received);
+    // Each row published before the next is written: one batch, so one
+    // span, per row (rows written back to back may share a claim), far
+    // more than the queue of 4 holds while the first export hangs.
+    for i in 20..60 {
+        insert_traced(&env.pool, i, 1).await;
+        env.collector
+            .wait_distinct(i + 1, WAIT)
+            .await
+            .expect("delivered while hanging");
+    }
+    assert_per_key_order(&env.collector.snapshot());
     wait_for_drops(&relay, "queue_full").await;
     assert_eq!(relay.metric("otel_spans_exported_total").await, Some(0.0));
 }
