@@ -839,10 +839,12 @@ def test_live_not_ready_alert(live):
     live.start_relay(topic=missing)
 
     def readyz_body():
+        # Until the first probe ran, /readyz says "not checked yet": wait for the verdict.
         try:
             http_get(f"http://127.0.0.1:{live.relay_port}/readyz")
         except urllib.error.HTTPError as e:
-            return e.code == 503 and e.read().decode()
+            body = e.read().decode()
+            return e.code == 503 and "does not exist" in body and body
         return False
 
     body = wait_until("the relay to say why it is not ready", readyz_body, 60, live.procs.tails)
