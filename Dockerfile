@@ -4,12 +4,21 @@
 #   docker build --target worker   -t ghcr.io/outbox-dev/outbox-worker:0.1.0 .
 #   docker build --target operator -t ghcr.io/outbox-dev/outbox-operator:0.1.0 .
 #
-# (`make images` does both with the tag taken from Cargo.toml.) Stages:
+# (`make images` does both with the tag taken from Cargo.toml.) The images carry stripped
+# binaries; their debug info (line tables, as [profile.release] keeps them) is split into
+# outbox-worker.debug and outbox-operator.debug, exported with
+#
+#   docker build --target debug-symbols -o target/debug-symbols .
+#
+# Keep those files with the release: gdb and addr2line find them through the binaries'
+# .gnu_debuglink (put them next to a copy of the binary). Stages:
 #   chef     Rust toolchain + cargo-chef
 #   planner  computes the dependency recipe (changes only when manifests/Cargo.lock do)
 #   deps     compiles the dependencies alone: the cached layer
-#   build    compiles both binaries in release mode
-#   worker / operator   distroless, non-root, holding one binary
+#   build    compiles both binaries in release mode, splits off the debug info and strips
+#            them: /out/<binary> (stripped) and /out/debug/<binary>.debug
+#   debug-symbols       scratch, holding only the two .debug files (not part of any image)
+#   worker / operator   distroless, non-root, holding one stripped binary
 
 ARG RUST_VERSION=1.94
 ARG CARGO_CHEF_VERSION=0.1.78
@@ -31,9 +40,22 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM deps AS build
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
-    cargo build --release --locked -p worker --bin outbox-worker -p operator --bin outbox-operator \
- && install -D -m 0755 target/release/outbox-worker /out/outbox-worker \
- && install -D -m 0755 target/release/outbox-operator /out/outbox-operator
+    cargo build --release --locked -p worker --bin outbox-worker -p operator --bin outbox-operator
+# objcopy is GNU binutils, which the image's gcc depends on. The debug info goes to a .debug
+# file (compressed); the installed binary loses its debug sections and symbol table and gets a
+# .gnu_debuglink naming that file (with its CRC). charts/tests/test_packaging.py runs this very
+# script on a small binary; docs/kubernetes.md has the sizes before and after.
+RUN set -eu; mkdir -p /out/debug; \
+    for bin in outbox-worker outbox-operator; do \
+      objcopy --only-keep-debug --compress-debug-sections=zlib "target/release/$bin" "/out/debug/$bin.debug"; \
+      objcopy --strip-debug --strip-unneeded --add-gnu-debuglink="/out/debug/$bin.debug" "target/release/$bin" "/out/$bin"; \
+      chmod 0755 "/out/$bin"; \
+    done
+
+# Only the split debug info: `docker build --target debug-symbols -o DIR .` writes
+# DIR/outbox-worker.debug and DIR/outbox-operator.debug.
+FROM scratch AS debug-symbols
+COPY --from=build /out/debug/ /
 
 # glibc of bookworm (the builder) = glibc of distroless cc-debian12; CA certificates included.
 FROM gcr.io/distroless/cc-debian12:nonroot AS worker

@@ -6,6 +6,7 @@ Docker and are not exercised here."""
 import re
 import shutil
 import subprocess
+import textwrap
 
 import pytest
 import yaml
@@ -37,7 +38,9 @@ def stages(instructions):
 
 
 def test_stages(instructions):
-    assert list(stages(instructions)) == ["chef", "planner", "deps", "build", "worker", "operator"]
+    # debug-symbols sits before the runtime stages so that a plain `docker build .` still ends
+    # at the operator image.
+    assert list(stages(instructions)) == ["chef", "planner", "deps", "build", "debug-symbols", "worker", "operator"]
 
 
 @pytest.mark.parametrize("target", BINARIES)
@@ -67,7 +70,109 @@ def test_dependencies_are_cached_before_the_sources(instructions):
     assert "cargo build --release --locked" in run
     # One cargo invocation for both binaries (shared feature resolution).
     for binary in BINARIES.values():
-        assert f"--bin {binary}" in run and f"/out/{binary}" in run
+        assert f"--bin {binary}" in run
+
+
+def strip_script(instructions):
+    """The build stage's RUN that splits off the debug info and strips the binaries."""
+    runs = [v for (i, v) in stages(instructions)["build"] if i == "RUN" and "objcopy" in v]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_build_strips_what_it_installs(instructions):
+    build = stages(instructions)["build"]
+    script = strip_script(instructions)
+    # The only writer of /out: the cargo RUN leaves the unstripped binaries in target/release.
+    writers = [v for (i, v) in build if i in ("RUN", "COPY", "ADD") and "/out" in v]
+    assert writers == [script], writers
+    assert script.startswith("set -eu;"), "a failed objcopy must fail the build, in any iteration"
+    loop = re.search(r"for bin in ([^;]+);", script)
+    assert loop and loop.group(1).split() == list(BINARIES.values())
+    # 1. debug info to its own file; 2. the installed binary: no debug sections, no symbol
+    #    table, a .gnu_debuglink to that file; 3. executable.
+    keep = ('objcopy --only-keep-debug --compress-debug-sections=zlib '
+            '"target/release/$bin" "/out/debug/$bin.debug"')
+    strip = ('objcopy --strip-debug --strip-unneeded --add-gnu-debuglink="/out/debug/$bin.debug" '
+             '"target/release/$bin" "/out/$bin"')
+    assert keep in script and strip in script
+    assert script.index(keep) < script.index(strip), "the debug info must be saved before stripping"
+    assert 'chmod 0755 "/out/$bin"' in script
+
+
+def test_runtime_stages_copy_only_the_stripped_binaries(instructions):
+    s = stages(instructions)
+    for target, binary in BINARIES.items():
+        copies = [v for (i, v) in s[target] if i in ("COPY", "ADD")]
+        # /out/<binary> is what the strip command wrote (test above), never target/release.
+        assert copies == [f"--from=build /out/{binary} /usr/local/bin/{binary}"]
+        assert not any("target/release" in v or "/out/debug" in v for (_, v) in s[target])
+
+
+def test_debug_symbols_stage_holds_only_the_debug_files(instructions):
+    steps = [(i, v) for (i, v) in stages(instructions)["debug-symbols"] if i != "COMMENT"]
+    assert steps == [("FROM", "scratch"), ("COPY", "--from=build /out/debug/ /")]
+    # Nothing else takes the debug files.
+    others = [(name, v) for name, st in stages(instructions).items() if name != "debug-symbols"
+              for (i, v) in st if "/out/debug" in v and i in ("COPY", "ADD")]
+    assert others == []
+    # How to export them is written where people look.
+    command = "docker build --target debug-symbols -o"
+    assert command in DOCKERFILE.read_text()
+    assert command in (REPO_DIR / "docs" / "kubernetes.md").read_text()
+
+
+def test_strip_script_runs_and_strips(instructions, tmp_path):
+    """Runs the Dockerfile's own strip script (with /out moved into tmp_path) on a small
+    program built with debug info, in place of the two release binaries."""
+    tools = {t: shutil.which(t) for t in ("cc", "objcopy", "readelf")}
+    missing = [t for t, p in tools.items() if p is None]
+    assert not missing, f"{missing} not found: install gcc and binutils (Rust's linker needs them too)"
+    source = tmp_path / "hello.c"
+    source.write_text(textwrap.dedent("""\
+        #include <stdio.h>
+        int answer(void) { return 42; }
+        int main(void) { printf("stripped %d\\n", answer()); return 0; }
+    """))
+    release = tmp_path / "target" / "release"
+    release.mkdir(parents=True)
+    for binary in BINARIES.values():
+        subprocess.run([tools["cc"], "-g", "-O1", "-o", str(release / binary), str(source)], check=True)
+    out = tmp_path / "out"
+    script = strip_script(instructions).replace("/out/", f"{out}/")
+    assert "/out/" not in script.replace(f"{out}/", "")
+    subprocess.run(["sh", "-c", script], cwd=tmp_path, check=True)
+
+    def sections(path):
+        text = subprocess.run([tools["readelf"], "-S", "-W", str(path)],
+                              capture_output=True, text=True, check=True).stdout
+        # "[Nr] Name Type Address Off Size ES Flg ...": name and flags.
+        found = {}
+        for line in text.splitlines():
+            m = re.match(r"\s*\[\s*\d+\]\s+(\S+)\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+([A-Za-z]*)\s", line)
+            if m:
+                found[m.group(1)] = m.group(2)
+        return found
+
+    for binary in BINARIES.values():
+        stripped, debug = out / binary, out / "debug" / f"{binary}.debug"
+        assert stripped.stat().st_mode & 0o111
+        have = sections(stripped)
+        assert ".symtab" not in have and ".strtab" not in have
+        # Rust keeps an allocated .debug_gdb_scripts (part of the loaded image); the DWARF
+        # sections are not allocated and must be gone.
+        assert not [n for n, flags in have.items() if n.startswith(".debug_") and "A" not in flags], have
+        assert ".gnu_debuglink" in have
+        # The section is the file name, NUL padding, then a CRC32 of the .debug file.
+        dump = tmp_path / f"{binary}.debuglink"
+        subprocess.run([tools["objcopy"], f"--dump-section=.gnu_debuglink={dump}", str(stripped),
+                        str(tmp_path / "scratch")], check=True)
+        assert dump.read_bytes().split(b"\0", 1)[0] == f"{binary}.debug".encode()
+        kept = sections(debug)
+        assert ".debug_info" in kept and ".symtab" in kept
+        assert stripped.stat().st_size < (release / binary).stat().st_size
+        ran = subprocess.run([str(stripped)], capture_output=True, text=True, check=True)
+        assert ran.stdout == "stripped 42\n"
 
 
 def test_builder_matches_the_workspace_toolchain_and_runtime_glibc(instructions):
