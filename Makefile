@@ -45,7 +45,8 @@ fmt:
 	$(CARGO) fmt --all
 
 crds: ## Regenerate crds/ from the operator's types
-	$(CARGO) run -q -p operator -- crd > crds/outboxrelays.outbox.dev.yaml
+	$(CARGO) run -q -p operator -- crd outboxrelays > crds/outboxrelays.outbox.dev.yaml
+	$(CARGO) run -q -p operator -- crd inboxrelays > crds/inboxrelays.outbox.dev.yaml
 
 bench: ## Relay and inbox throughput/latency vs. the database and Pub/Sub ceilings (BENCH.md; BENCH_ARGS="--rows 100000")
 	scripts/prereqs.sh no-python

@@ -1,10 +1,13 @@
-//! `outbox-operator`: reconciles `OutboxRelay` resources into Deployments of the outbox
-//! relay worker.
+//! `outbox-operator`: reconciles `OutboxRelay` and `InboxRelay` resources into Deployments
+//! of the outbox relay and the inbox worker.
 //!
 //! The architecture, from pure to effectful:
-//! - [`crd`]: the custom resource, its CRD and the validation shared by `render` and reconcile;
-//! - [`resources`]: `OutboxRelay` → desired objects (pure);
-//! - [`status`]: (Deployment, Lease) → status and conditions (pure);
+//! - [`crd`]: the custom resources, their CRDs and the validation shared by `render` and
+//!   reconcile;
+//! - [`workload`]: what differs between the two kinds, so everything below is written once;
+//! - [`resources`]: relay → desired objects (pure);
+//! - [`report`]: the figures the active worker writes on its Lease (pure);
+//! - [`status`]: (Deployment, Lease) → status and conditions, `Stalled` included (pure);
 //! - [`reconcile`]: the thin shell that reads Secrets, applies objects with server-side
 //!   apply and writes status;
 //! - [`metrics`], [`http`], [`telemetry`]: the operator's own observability.
@@ -16,6 +19,8 @@ pub mod http;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod report;
 pub mod resources;
 pub mod status;
 pub mod telemetry;
+pub mod workload;

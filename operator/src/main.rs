@@ -19,7 +19,7 @@ use outbox_operator::resources::{DEFAULT_WORKER_IMAGE, Settings};
 use outbox_operator::telemetry;
 use tracing::{error, info, warn};
 
-/// Kubernetes operator for OutboxRelay resources.
+/// Kubernetes operator for OutboxRelay and InboxRelay resources.
 #[derive(Parser, Debug)]
 #[command(name = "outbox-operator", version, about)]
 struct Cli {
@@ -31,9 +31,9 @@ struct Cli {
 enum Command {
     /// Run the controller (in-cluster or with the current kubeconfig).
     Run(RunArgs),
-    /// Print the OutboxRelay CustomResourceDefinition as YAML.
-    Crd,
-    /// Print, without a cluster, the objects the operator would apply for a relay.
+    /// Print the OutboxRelay and InboxRelay CustomResourceDefinitions as YAML.
+    Crd(CrdArgs),
+    /// Print, without a cluster, the objects the operator would apply for a relay (either kind).
     Render(RenderArgs),
 }
 
@@ -42,6 +42,10 @@ struct RunArgs {
     /// Worker image for relays that do not set spec.image.
     #[arg(long, env = "WORKER_IMAGE", default_value = DEFAULT_WORKER_IMAGE)]
     worker_image: String,
+    /// Image prefixes spec.image may start with, comma-separated (e.g.
+    /// `registry.example.com/outbox/`). Empty: spec.image may only name --worker-image.
+    #[arg(long, env = "IMAGE_ALLOWLIST", value_delimiter = ',', num_args = 0..)]
+    image_allowlist: Vec<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     health_addr: SocketAddr,
@@ -69,16 +73,37 @@ struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct CrdArgs {
+    /// Only this CRD, by plural name (`outboxrelays`, `inboxrelays`); default: both.
+    #[arg(value_parser = ["outboxrelays", "inboxrelays"])]
+    plural: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
 struct RenderArgs {
-    /// OutboxRelay manifest (YAML; `-` for stdin).
+    /// OutboxRelay or InboxRelay manifest (YAML; `-` for stdin).
     #[arg(short = 'f', long = "filename")]
     file: PathBuf,
     /// Worker image for relays that do not set spec.image.
     #[arg(long, env = "WORKER_IMAGE", default_value = DEFAULT_WORKER_IMAGE)]
     worker_image: String,
+    /// Image prefixes spec.image may start with, as for `run`.
+    #[arg(long, env = "IMAGE_ALLOWLIST", value_delimiter = ',', num_args = 0..)]
+    image_allowlist: Vec<String>,
     /// Namespace when the manifest has none.
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
+}
+
+fn settings(worker_image: &str, allowlist: &[String]) -> Settings {
+    Settings {
+        default_image: worker_image.to_owned(),
+        image_allowlist: allowlist
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    }
 }
 
 fn render(args: &RenderArgs) -> anyhow::Result<String> {
@@ -88,9 +113,7 @@ fn render(args: &RenderArgs) -> anyhow::Result<String> {
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("reading {}", args.file.display()))?
     };
-    let settings = Settings {
-        default_image: args.worker_image.clone(),
-    };
+    let settings = settings(&args.worker_image, &args.image_allowlist);
     Ok(outbox_operator::render::render(
         &text,
         &settings,
@@ -110,16 +133,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
-    let settings = Settings {
-        default_image: args.worker_image.clone(),
-    };
+    let settings = settings(&args.worker_image, &args.image_allowlist);
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings,
         metrics.clone(),
         args.pod_name.clone(),
     ));
-    info!(image = %args.worker_image, namespace = ?args.watch_namespace, "outbox-operator starting");
+    info!(image = %args.worker_image, allowlist = ?args.image_allowlist, namespace = ?args.watch_namespace, "outbox-operator starting");
 
     if !args.leader_election {
         probes.ready.store(true, Ordering::Relaxed);
@@ -201,7 +222,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Crd => crd::crd_yaml()
+        Command::Crd(args) => crd::crd_yaml(args.plural.as_deref())
             .map(|yaml| print!("{yaml}"))
             .map_err(anyhow::Error::from),
         Command::Render(args) => render(&args).map(|yaml| print!("{yaml}")),

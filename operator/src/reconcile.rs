@@ -1,10 +1,13 @@
-//! The thin, effectful shell around [`crate::resources`] and [`crate::status`].
+//! The thin, effectful shell around [`crate::resources`] and [`crate::status`], generic
+//! over the kind of relay ([`Workload`]).
 //!
-//! One reconcile: validate the spec, read the referenced Secrets (to hash them), apply the
-//! desired objects with server-side apply under the `outbox-operator` field manager, read
-//! back the Deployment and the worker's Lease, and write the status subresource. Deletion
-//! needs no code: every owned object carries a controller owner reference, so the garbage
-//! collector removes it with the relay.
+//! One reconcile: validate the spec and the image, read the referenced Secrets (to hash
+//! them), make sure no object it would write belongs to someone else, apply the desired
+//! objects with server-side apply under the `outbox-operator` field manager, read back the
+//! Deployment and the worker's Lease (with the figures the active worker reports on it),
+//! and write the status subresource. Deletion needs no code: every owned object carries a
+//! controller owner reference, and the workers' Lease an owner reference, so the garbage
+//! collector removes them with the relay.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -12,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
@@ -29,15 +33,17 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use crate::crd::{OutboxRelay, OutboxRelaySpec, OutboxRelayStatus, SecretKeyRef, validate};
+use crate::crd::{InboxRelay, OutboxRelay, SecretKeyRef, WorkerSpec, WorkerStatus};
 use crate::metrics::Metrics;
 use crate::resources::{self, DesiredError, MANAGER, Settings};
 use crate::status::{self, Blocker};
+use crate::workload::Workload;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "outbox-operator";
-/// Resync of a Ready relay (also how quickly a rotated Secret is noticed).
-pub const RESYNC: Duration = Duration::from_secs(60);
+/// Resync of a Ready relay: how quickly a rotated Secret, new figures on the Lease and a
+/// stall are noticed.
+pub const RESYNC: Duration = Duration::from_secs(30);
 /// Resync of a relay that is not Ready yet (rollout, leader election, missing Secret).
 pub const RESYNC_NOT_READY: Duration = Duration::from_secs(15);
 
@@ -160,14 +166,15 @@ pub fn hash_secret_values(values: &[(&str, &str, &[u8])]) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn secret_refs(spec: &OutboxRelaySpec) -> Vec<(&'static str, &SecretKeyRef)> {
-    let mut refs = vec![("spec.database.urlSecretRef", &spec.database.url_secret_ref)];
-    if let Some(r) = &spec.pubsub.credentials_secret_ref {
+fn secret_refs<'a>(spec: &WorkerSpec<'a>) -> Vec<(&'static str, &'a SecretKeyRef)> {
+    let mut refs = vec![("spec.database.urlSecretRef", spec.url_secret_ref)];
+    if let Some(r) = spec.credentials_secret_ref {
         refs.push(("spec.pubsub.credentialsSecretRef", r));
     }
     // Only when the workers use it: a disabled tracing section needs no Secret.
     if let Some(r) = spec
-        .active_tracing()
+        .tracing
+        .filter(|t| t.is_active())
         .and_then(|t| t.headers_secret_ref.as_ref())
     {
         refs.push(("spec.tracing.headersSecretRef", r));
@@ -179,7 +186,7 @@ fn secret_refs(spec: &OutboxRelaySpec) -> Vec<(&'static str, &SecretKeyRef)> {
 async fn secret_hash(
     client: &Client,
     namespace: &str,
-    spec: &OutboxRelaySpec,
+    spec: &WorkerSpec<'_>,
 ) -> Result<Result<String, Blocker>, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut values = Vec::new();
@@ -240,19 +247,19 @@ where
 }
 
 /// Writes the status subresource (server-side apply, conflicts retried) unless unchanged.
-async fn write_status(
+async fn write_status<W: Workload>(
     ctx: &Context,
-    relay: &OutboxRelay,
+    relay: &W,
     namespace: &str,
-    status: &OutboxRelayStatus,
+    status: &WorkerStatus,
 ) -> Result<(), Error> {
-    if relay.status.as_ref() == Some(status) {
+    if relay.worker_status() == Some(status) {
         return Ok(());
     }
-    let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), namespace);
+    let api: Api<W> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = json!({
-        "apiVersion": OutboxRelay::api_version(&()),
-        "kind": OutboxRelay::kind(&()),
+        "apiVersion": W::api_version(&()),
+        "kind": W::kind(&()),
         "status": status,
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -273,7 +280,13 @@ async fn write_status(
     }
 }
 
-async fn publish(ctx: &Context, relay: &OutboxRelay, type_: EventType, reason: &str, note: String) {
+async fn publish<W: Workload>(
+    ctx: &Context,
+    relay: &W,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_owned(),
@@ -282,18 +295,20 @@ async fn publish(ctx: &Context, relay: &OutboxRelay, type_: EventType, reason: &
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &relay.object_ref(&())).await {
-        warn!(relay = %status::describe(relay), error = %e, "could not publish event");
+        warn!(relay = %relay.describe(), error = %e, "could not publish event");
     }
 }
 
 /// Records a blocker: Warning Event plus status, leaving already-applied objects alone.
-async fn block(
+/// After a name conflict the same-named Deployment and Lease are someone else's: status
+/// does not read them.
+async fn block<W: Workload>(
     ctx: &Context,
-    relay: &OutboxRelay,
+    relay: &W,
     namespace: &str,
     blocker: Blocker,
 ) -> Result<(), Error> {
-    warn!(relay = %status::describe(relay), reason = blocker.reason(), message = blocker.message(), "relay blocked");
+    warn!(relay = %relay.describe(), reason = blocker.reason(), message = blocker.message(), "relay blocked");
     publish(
         ctx,
         relay,
@@ -302,12 +317,18 @@ async fn block(
         blocker.message().to_owned(),
     )
     .await;
-    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
-        .get_opt(&relay.name_any())
-        .await?;
-    let lease = Api::<Lease>::namespaced(ctx.client.clone(), namespace)
-        .get_opt(&relay.lease_name())
-        .await?;
+    let (deployment, lease) = if matches!(blocker, Blocker::NameConflict(_)) {
+        (None, None)
+    } else {
+        (
+            Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
+                .get_opt(&relay.object_name())
+                .await?,
+            Api::<Lease>::namespaced(ctx.client.clone(), namespace)
+                .get_opt(&relay.lease_name())
+                .await?,
+        )
+    };
     let status = status::compute(
         relay,
         deployment.as_ref(),
@@ -318,16 +339,92 @@ async fn block(
     write_status(ctx, relay, namespace, &status).await
 }
 
+/// `Kind namespace/name` of an existing object named `name` that `owner_uid` does not
+/// control; `None` when there is no such object or it is ours.
+async fn foreign<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    owner_uid: &str,
+) -> Result<Option<String>, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let existing = Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await?;
+    Ok(existing
+        .filter(|obj| !resources::is_controlled_by(obj.meta(), owner_uid))
+        .map(|_| format!("{} {namespace}/{name}", K::kind(&()))))
+}
+
+/// Refuses to write over objects the relay does not own: a relay named like an existing
+/// ServiceAccount or Role would otherwise rewrite it, and deleting the relay would let the
+/// garbage collector delete it. The workers' Lease counts as foreign only when it names
+/// other owners (a Lease without owners may be one our workers created before they set
+/// their owner).
+async fn name_conflict<W: Workload>(
+    ctx: &Context,
+    relay: &W,
+    namespace: &str,
+    desired: &resources::Desired,
+) -> Result<Option<Blocker>, Error> {
+    let uid = relay
+        .meta()
+        .uid
+        .clone()
+        .ok_or(DesiredError::MissingMetadata("uid"))?;
+    let name = relay.object_name();
+    let client = &ctx.client;
+    let mut found = vec![
+        foreign::<ServiceAccount>(client, namespace, &name, &uid).await?,
+        foreign::<Role>(client, namespace, &name, &uid).await?,
+        foreign::<RoleBinding>(client, namespace, &name, &uid).await?,
+        foreign::<Deployment>(client, namespace, &name, &uid).await?,
+    ];
+    if desired.pod_disruption_budget.is_some() {
+        found.push(foreign::<PodDisruptionBudget>(client, namespace, &name, &uid).await?);
+    }
+    if relay.elects_leader() {
+        let lease_name = relay.lease_name();
+        let lease = Api::<Lease>::namespaced(client.clone(), namespace)
+            .get_opt(&lease_name)
+            .await?;
+        if lease.is_some_and(|l| {
+            !l.owner_references().is_empty() && !l.owner_references().iter().any(|o| o.uid == uid)
+        }) {
+            found.push(Some(format!("Lease {namespace}/{lease_name}")));
+        }
+    }
+    let found: Vec<String> = found.into_iter().flatten().collect();
+    if found.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Blocker::NameConflict(format!(
+        "{} already exist{} and {} not owned by this {}; the operator leaves {} alone (rename the {}, or delete {} if it is a leftover)",
+        found.join(", "),
+        if found.len() == 1 { "s" } else { "" },
+        if found.len() == 1 { "is" } else { "are" },
+        W::kind(&()),
+        if found.len() == 1 { "it" } else { "them" },
+        W::kind(&()),
+        if found.len() == 1 { "it" } else { "them" },
+    ))))
+}
+
 /// Applies the desired objects (and prunes the PDB when it is no longer wanted); returns
 /// the Deployment as the API server stored it.
-async fn apply_all(
+async fn apply_all<W: Workload>(
     ctx: &Context,
-    relay: &OutboxRelay,
+    relay: &W,
     namespace: &str,
     desired: &resources::Desired,
     hash: &str,
 ) -> Result<Deployment, Error> {
-    let name = relay.name_any();
+    let name = relay.object_name();
     let client = &ctx.client;
     let retry = ctx.retry;
     apply(
@@ -365,7 +462,7 @@ async fn apply_all(
     )
     .await?;
     if previous_hash.as_ref().is_some_and(|h| h != hash) {
-        info!(relay = %status::describe(relay), "referenced Secret changed; rolling the workers");
+        info!(relay = %relay.describe(), "referenced Secret changed; rolling the workers");
         publish(
             ctx,
             relay,
@@ -382,11 +479,11 @@ async fn apply_all(
         }
         None => {
             // Only delete a PDB this relay controls, never a same-named foreign one.
-            let owned = pdbs.get_opt(&name).await?.is_some_and(|pdb| {
-                pdb.owner_references()
-                    .iter()
-                    .any(|o| o.controller == Some(true) && Some(&o.uid) == relay.uid().as_ref())
-            });
+            let uid = relay.uid().unwrap_or_default();
+            let owned = pdbs
+                .get_opt(&name)
+                .await?
+                .is_some_and(|pdb| resources::is_controlled_by(pdb.meta(), &uid));
             if owned {
                 match pdbs.delete(&name, &DeleteParams::default()).await {
                     Ok(_) => {}
@@ -401,10 +498,10 @@ async fn apply_all(
 }
 
 /// Reconciles one relay. Called by the controller, and directly by the tests.
-pub async fn reconcile(relay: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile<W: Workload>(relay: Arc<W>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let key = status::describe(&relay);
-    let result = reconcile_inner(&relay, &ctx).await;
+    let key = relay.describe();
+    let result = reconcile_inner(relay.as_ref(), &ctx).await;
     match &result {
         Ok((outcome, _)) => {
             ctx.metrics.observe(outcome, started.elapsed());
@@ -418,33 +515,50 @@ pub async fn reconcile(relay: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Act
     result.map(|(_, action)| action)
 }
 
-async fn reconcile_inner(
-    relay: &OutboxRelay,
+/// The reason of the Ready condition, if any.
+fn ready_reason(status: Option<&WorkerStatus>) -> Option<&str> {
+    status
+        .and_then(|s| status::condition(s, status::READY))
+        .map(|c| c.reason.as_str())
+}
+
+async fn reconcile_inner<W: Workload>(
+    relay: &W,
     ctx: &Context,
 ) -> Result<(&'static str, Action), Error> {
     let namespace = relay
         .namespace()
         .ok_or(DesiredError::MissingMetadata("namespace"))?;
-    debug!(relay = %status::describe(relay), "reconciling");
-    if relay.metadata.deletion_timestamp.is_some() {
+    debug!(relay = %relay.describe(), "reconciling");
+    if relay.meta().deletion_timestamp.is_some() {
         // Being deleted: the garbage collector removes the owned objects; re-applying them
         // now would only fight it.
         return Ok(("deleting", Action::await_change()));
     }
 
-    if let Err(invalid) = validate(relay) {
-        block(
-            ctx,
-            relay,
-            &namespace,
-            Blocker::InvalidSpec(invalid.to_string()),
-        )
-        .await?;
-        // Only a spec change can fix it; the watch triggers on that.
-        return Ok(("blocked", Action::await_change()));
+    let desired_without_hash = resources::desired(relay, &ctx.settings, "");
+    match desired_without_hash {
+        Err(DesiredError::InvalidSpec(invalid)) => {
+            block(
+                ctx,
+                relay,
+                &namespace,
+                Blocker::InvalidSpec(invalid.to_string()),
+            )
+            .await?;
+            // Only a spec change can fix it; the watch triggers on that.
+            return Ok(("blocked", Action::await_change()));
+        }
+        Err(DesiredError::ImageNotAllowed(message)) => {
+            block(ctx, relay, &namespace, Blocker::ImageNotAllowed(message)).await?;
+            // A spec change, or the operator restarted with another allowlist.
+            return Ok(("blocked", Action::await_change()));
+        }
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
     }
 
-    let hash = match secret_hash(&ctx.client, &namespace, &relay.spec).await? {
+    let hash = match secret_hash(&ctx.client, &namespace, &relay.worker()).await? {
         Ok(hash) => hash,
         Err(blocker) => {
             block(ctx, relay, &namespace, blocker).await?;
@@ -453,6 +567,11 @@ async fn reconcile_inner(
     };
 
     let desired = resources::desired(relay, &ctx.settings, &hash)?;
+    if let Some(conflict) = name_conflict(ctx, relay, &namespace, &desired).await? {
+        block(ctx, relay, &namespace, conflict).await?;
+        // The other object may be renamed or deleted at any time; look again.
+        return Ok(("blocked", Action::requeue(RESYNC_NOT_READY)));
+    }
     let deployment = match apply_all(ctx, relay, &namespace, &desired, &hash).await {
         Ok(deployment) => deployment,
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 422 => {
@@ -467,10 +586,13 @@ async fn reconcile_inner(
         }
         Err(e) => return Err(e),
     };
-    let client = &ctx.client;
-    let lease = Api::<Lease>::namespaced(client.clone(), &namespace)
-        .get_opt(&relay.lease_name())
-        .await?;
+    let lease = if relay.elects_leader() {
+        Api::<Lease>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(&relay.lease_name())
+            .await?
+    } else {
+        None
+    };
     let status = status::compute(
         relay,
         Some(&deployment),
@@ -479,6 +601,7 @@ async fn reconcile_inner(
         Timestamp::now(),
     );
     write_status(ctx, relay, &namespace, &status).await?;
+    announce_stall_changes(ctx, relay, &status).await;
     let requeue = if status::is_ready(&status) {
         RESYNC
     } else {
@@ -487,50 +610,79 @@ async fn reconcile_inner(
     Ok(("ok", Action::requeue(requeue)))
 }
 
+/// An Event when messages stop flowing (`Stalled`) and when they flow again.
+async fn announce_stall_changes<W: Workload>(ctx: &Context, relay: &W, status: &WorkerStatus) {
+    let before = ready_reason(relay.worker_status()) == Some("Stalled");
+    let now = ready_reason(Some(status)) == Some("Stalled");
+    let message = status::condition(status, status::READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    if now && !before {
+        warn!(relay = %relay.describe(), %message, "stalled");
+        publish(ctx, relay, EventType::Warning, "Stalled", message).await;
+    } else if before && !now {
+        info!(relay = %relay.describe(), "messages flow again");
+        publish(
+            ctx,
+            relay,
+            EventType::Normal,
+            "Recovered",
+            format!("no longer stalled: {message}"),
+        )
+        .await;
+    }
+}
+
 /// Requeues a failed reconcile with per-relay exponential backoff.
-pub fn error_policy(relay: Arc<OutboxRelay>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = status::describe(&relay);
+pub fn error_policy<W: Workload>(relay: Arc<W>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = relay.describe();
     let failures = ctx.failures(&key, true);
     let delay = backoff(failures);
     warn!(relay = %key, %error, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
-/// Runs the controller until a shutdown signal: watches relays (in `namespace`, or all) and
-/// the objects they own, and reconciles them.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
-    let client = ctx.client.clone();
-    fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        <K as Resource>::DynamicType: Default,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
+}
+
+/// One controller: watches relays of kind `W` (in `namespace`, or all) and the objects they
+/// own, and reconciles them until a shutdown signal.
+async fn control<W: Workload>(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    Controller::new(
-        api::<OutboxRelay>(&client, &namespace),
-        watcher::Config::default(),
-    )
-    .owns(api::<Deployment>(&client, &namespace), owned.clone())
-    .owns(api::<ServiceAccount>(&client, &namespace), owned.clone())
-    .owns(api::<Role>(&client, &namespace), owned.clone())
-    .owns(api::<RoleBinding>(&client, &namespace), owned.clone())
-    .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
-    .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((obj, _)) => debug!(relay = %obj, "reconciled"),
-            Err(e) => debug!(error = %e, "reconcile loop"),
-        }
-    })
-    .await;
-    info!("controller stopped");
+    Controller::new(api::<W>(&client, &namespace), watcher::Config::default())
+        .owns(api::<Deployment>(&client, &namespace), owned.clone())
+        .owns(api::<ServiceAccount>(&client, &namespace), owned.clone())
+        .owns(api::<Role>(&client, &namespace), owned.clone())
+        .owns(api::<RoleBinding>(&client, &namespace), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+        .shutdown_on_signal()
+        .run(reconcile::<W>, error_policy::<W>, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(relay = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile loop"),
+            }
+        })
+        .await;
+}
+
+/// Runs both controllers (OutboxRelay and InboxRelay) until a shutdown signal.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    tokio::join!(
+        control::<OutboxRelay>(ctx.clone(), namespace.clone()),
+        control::<InboxRelay>(ctx, namespace),
+    );
+    info!("controllers stopped");
 }
 
 #[cfg(test)]

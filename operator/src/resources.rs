@@ -1,9 +1,11 @@
-//! Pure translation of an `OutboxRelay` into the objects the operator applies.
+//! Pure translation of a relay (an `OutboxRelay` or an `InboxRelay`, see
+//! [`crate::workload`]) into the objects the operator applies.
 //!
 //! Nothing here talks to the API server, so `render` and the tests can show exactly what the
 //! reconcile loop will apply: a ServiceAccount, a Role limited to the relay's Lease, a
 //! RoleBinding, the worker Deployment, and a PodDisruptionBudget when there is more than one
-//! replica.
+//! replica. The image is checked against the operator's allowlist here too, so `render`
+//! refuses what reconcile would refuse.
 
 use std::collections::BTreeMap;
 
@@ -21,10 +23,11 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use serde_json::Value;
 
-use crate::crd::{InvalidSpec, OutboxRelay, validate};
+use crate::crd::InvalidSpec;
+use crate::workload::Workload;
 
 /// Downward-API variable of the worker container holding the pod's name (referenced as
 /// `$(POD_NAME)` in `OTEL_RESOURCE_ATTRIBUTES`).
@@ -38,8 +41,6 @@ pub const DEFAULT_WORKER_IMAGE: &str = concat!(
 /// Pod-template annotation carrying the hash of the referenced Secret keys; changing it
 /// (a rotated secret) rolls the pods.
 pub const SECRET_HASH_ANNOTATION: &str = "outbox.dev/secret-hash";
-/// Name of the worker container.
-pub const CONTAINER_NAME: &str = "relay";
 /// Port of the worker's `/healthz`, `/readyz` and `/metrics`.
 pub const HTTP_PORT: i32 = 8080;
 /// Where a `credentialsSecretRef` is mounted.
@@ -56,12 +57,48 @@ const NONROOT_UID: i64 = 65532;
 pub struct Settings {
     /// Image used when the relay does not set `spec.image`.
     pub default_image: String,
+    /// Prefixes a `spec.image` may start with. Empty: only `default_image` may be named.
+    /// Whoever may create a relay must not be able to run an arbitrary image with the
+    /// namespace's Secrets, so any other image needs the cluster admin's consent here.
+    pub image_allowlist: Vec<String>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             default_image: DEFAULT_WORKER_IMAGE.to_owned(),
+            image_allowlist: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// The image the workers run, or why `spec.image` is refused.
+    pub fn image(&self, requested: Option<&str>) -> Result<String, DesiredError> {
+        match requested {
+            None => Ok(self.default_image.clone()),
+            Some(image)
+                if image == self.default_image
+                    || self
+                        .image_allowlist
+                        .iter()
+                        .any(|prefix| !prefix.is_empty() && image.starts_with(prefix.as_str())) =>
+            {
+                Ok(image.to_owned())
+            }
+            Some(image) => Err(DesiredError::ImageNotAllowed(
+                if self.image_allowlist.is_empty() {
+                    format!(
+                        "spec.image {image:?} is not allowed: this operator runs only its own worker image {:?} (an administrator can allow other images with the operator's --image-allowlist, chart value workerImageAllowlist)",
+                        self.default_image
+                    )
+                } else {
+                    format!(
+                        "spec.image {image:?} is not allowed: it must be {:?} or start with one of {:?} (the operator's --image-allowlist)",
+                        self.default_image, self.image_allowlist
+                    )
+                },
+            )),
         }
     }
 }
@@ -105,16 +142,19 @@ pub enum DesiredError {
     /// The spec breaks a validation rule.
     #[error(transparent)]
     InvalidSpec(#[from] InvalidSpec),
+    /// `spec.image` is neither the default image nor on the allowlist.
+    #[error("{0}")]
+    ImageNotAllowed(String),
     /// The relay has no namespace or uid (it was not read from the API server and `render`
     /// did not fill them in).
-    #[error("OutboxRelay is missing metadata.{0}")]
+    #[error("relay is missing metadata.{0}")]
     MissingMetadata(&'static str),
 }
 
 /// The recommended `app.kubernetes.io/*` labels of everything owned by `relay`.
-pub fn labels(relay: &OutboxRelay, image: &str) -> BTreeMap<String, String> {
+pub fn labels<W: Workload>(relay: &W, image: &str) -> BTreeMap<String, String> {
     let mut labels = selector_labels(relay);
-    labels.insert("app.kubernetes.io/component".into(), "relay".into());
+    labels.insert("app.kubernetes.io/component".into(), W::COMPONENT.into());
     labels.insert("app.kubernetes.io/part-of".into(), "pubsub-outbox".into());
     labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
     if let Some(version) = image_version(image) {
@@ -124,9 +164,9 @@ pub fn labels(relay: &OutboxRelay, image: &str) -> BTreeMap<String, String> {
 }
 
 /// The immutable subset of [`labels`] used as the Deployment / PDB selector.
-pub fn selector_labels(relay: &OutboxRelay) -> BTreeMap<String, String> {
+pub fn selector_labels<W: Workload>(relay: &W) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".into(), "outbox-worker".into()),
+        ("app.kubernetes.io/name".into(), W::APP_NAME.into()),
         ("app.kubernetes.io/instance".into(), relay.name_any()),
     ])
 }
@@ -148,15 +188,15 @@ fn image_version(image: &str) -> Option<String> {
 
 /// Controller owner reference to `relay`, so the garbage collector deletes the owned objects
 /// with it and the controller is triggered by their changes.
-pub fn owner_reference(relay: &OutboxRelay) -> Result<OwnerReference, DesiredError> {
+pub fn owner_reference<W: Workload>(relay: &W) -> Result<OwnerReference, DesiredError> {
     let uid = relay
         .meta()
         .uid
         .clone()
         .ok_or(DesiredError::MissingMetadata("uid"))?;
     Ok(OwnerReference {
-        api_version: OutboxRelay::api_version(&()).into_owned(),
-        kind: OutboxRelay::kind(&()).into_owned(),
+        api_version: W::api_version(&()).into_owned(),
+        kind: W::kind(&()).into_owned(),
         name: relay.name_any(),
         uid,
         controller: Some(true),
@@ -164,7 +204,17 @@ pub fn owner_reference(relay: &OutboxRelay) -> Result<OwnerReference, DesiredErr
     })
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
+/// Whether `meta` names `owner_uid` as its controller: the only objects the operator
+/// writes over or deletes.
+pub fn is_controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == owner_uid)
+}
+
+/// A container environment variable with a literal value.
+pub(crate) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),
@@ -214,7 +264,7 @@ pub fn encode_resource_attribute_value(value: &str) -> String {
 /// - no tracing section: none;
 /// - `enabled: false` (or, past validation, no endpoint): only `OTEL_SDK_DISABLED=true`;
 /// - otherwise `OTEL_SERVICE_NAME` (`serviceName`, else `resourceAttributes["service.name"]`,
-///   else the relay's name), `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`,
+///   else the name of the relay's Deployment), `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`,
 ///   `OTEL_EXPORTER_OTLP_HEADERS` (from the Secret), `OTEL_TRACES_SAMPLER`,
 ///   `OTEL_TRACES_SAMPLER_ARG` (the optional ones only when set) and
 ///   `OTEL_RESOURCE_ATTRIBUTES`: `k8s.namespace.name`, `k8s.deployment.name`,
@@ -222,14 +272,14 @@ pub fn encode_resource_attribute_value(value: &str) -> String {
 ///   which replace an added key of the same name.
 ///
 /// The container must define `POD_NAME` before these variables.
-pub fn tracing_env(relay: &OutboxRelay) -> Vec<EnvVar> {
-    let Some(tracing) = &relay.spec.tracing else {
+pub fn tracing_env<W: Workload>(relay: &W) -> Vec<EnvVar> {
+    let Some(tracing) = relay.worker().tracing else {
         return Vec::new();
     };
     let Some(endpoint) = tracing.endpoint.as_ref().filter(|_| tracing.enabled) else {
         return vec![env("OTEL_SDK_DISABLED", "true")];
     };
-    let name = relay.name_any();
+    let name = relay.object_name();
     let user_attrs = tracing.resource_attributes.clone().unwrap_or_default();
     let service_name = tracing
         .service_name
@@ -316,22 +366,19 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 /// Translates `relay` into the objects to apply. `secret_hash` is the hash of the
 /// referenced Secret keys (see `reconcile::secret_hash`); it ends up in a pod-template
 /// annotation so that rotating the secret rolls the pods.
-pub fn desired(
-    relay: &OutboxRelay,
+pub fn desired<W: Workload>(
+    relay: &W,
     settings: &Settings,
     secret_hash: &str,
 ) -> Result<Desired, DesiredError> {
-    validate(relay)?;
-    let name = relay.name_any();
+    relay.validate()?;
+    let spec = relay.worker();
+    let image = settings.image(spec.image)?;
+    let name = relay.object_name();
     let namespace = relay
         .namespace()
         .ok_or(DesiredError::MissingMetadata("namespace"))?;
     let owner = owner_reference(relay)?;
-    let spec = &relay.spec;
-    let image = spec
-        .image
-        .clone()
-        .unwrap_or_else(|| settings.default_image.clone());
     let labels = labels(relay, &image);
     let selector = selector_labels(relay);
     let lease_name = relay.lease_name();
@@ -387,42 +434,52 @@ pub fn desired(
         }]),
     };
 
-    let mut env_vars = vec![
-        EnvVar {
-            name: "DATABASE_URL".into(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: spec.database.url_secret_ref.name.clone(),
-                    key: spec.database.url_secret_ref.key.clone(),
-                    optional: Some(false),
-                }),
-                ..Default::default()
+    let mut env_vars = vec![EnvVar {
+        name: "DATABASE_URL".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: spec.url_secret_ref.name.clone(),
+                key: spec.url_secret_ref.key.clone(),
+                optional: Some(false),
             }),
-        },
-        env("OUTBOX_TABLE", spec.database.table.clone()),
-        env("PUBSUB_TOPIC", spec.pubsub.topic.clone()),
-    ];
-    if let Some(host) = &spec.pubsub.emulator_host {
-        env_vars.push(env("PUBSUB_EMULATOR_HOST", host.clone()));
+            ..Default::default()
+        }),
+    }];
+    env_vars.extend(relay.worker_env());
+    if let Some(host) = spec.emulator_host {
+        env_vars.push(env("PUBSUB_EMULATOR_HOST", host));
     }
-    if spec.pubsub.credentials_secret_ref.is_some() {
+    if spec.credentials_secret_ref.is_some() {
         env_vars.push(env(
             "GOOGLE_APPLICATION_CREDENTIALS",
             format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}"),
         ));
     }
-    if let Some(batch) = spec.batch_size {
-        env_vars.push(env("BATCH_SIZE", batch.to_string()));
-    }
+    let backend = if relay.elects_leader() {
+        "kubernetes"
+    } else {
+        "none"
+    };
     env_vars.extend([
         env("HEALTH_ADDR", format!("0.0.0.0:{HTTP_PORT}")),
         env("LOG_FORMAT", "json"),
-        env("LEADER_ELECTION", "kubernetes"),
-        env("LEASE_NAME", lease_name.clone()),
-        env("LEASE_DURATION", le.lease_duration.clone()),
-        env("RENEW_DEADLINE", le.renew_deadline.clone()),
-        env("RETRY_PERIOD", le.retry_period.clone()),
+        env("LEADER_ELECTION", backend),
+    ]);
+    if relay.elects_leader() {
+        env_vars.extend([
+            env("LEASE_NAME", lease_name.clone()),
+            env("LEASE_DURATION", le.lease_duration.clone()),
+            env("RENEW_DEADLINE", le.renew_deadline.clone()),
+            env("RETRY_PERIOD", le.retry_period.clone()),
+            // The Lease the workers create belongs to the relay: it goes with it.
+            env("LEASE_OWNER_API_VERSION", owner.api_version.clone()),
+            env("LEASE_OWNER_KIND", owner.kind.clone()),
+            env("LEASE_OWNER_NAME", owner.name.clone()),
+            env("LEASE_OWNER_UID", owner.uid.clone()),
+        ]);
+    }
+    env_vars.extend([
         env_field(POD_NAME_ENV, "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
     ]);
@@ -442,7 +499,7 @@ pub fn desired(
         mount_path: "/tmp".into(),
         ..Default::default()
     }];
-    if let Some(creds) = &spec.pubsub.credentials_secret_ref {
+    if let Some(creds) = spec.credentials_secret_ref {
         volumes.push(Volume {
             name: "google-credentials".into(),
             secret: Some(SecretVolumeSource {
@@ -472,14 +529,14 @@ pub fn desired(
         })
     };
     let container = Container {
-        name: CONTAINER_NAME.into(),
+        name: W::COMPONENT.into(),
         image: Some(image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
         command: Some(vec!["outbox-worker".into()]),
         args: Some(vec![
-            "relay".into(),
+            W::COMPONENT.into(),
             "--leader-election".into(),
-            "kubernetes".into(),
+            backend.into(),
         ]),
         env: Some(env_vars),
         ports: Some(vec![ContainerPort {
@@ -490,7 +547,7 @@ pub fn desired(
         }]),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
-        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        resources: Some(spec.resources.cloned().unwrap_or_else(default_resources)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
@@ -518,7 +575,7 @@ pub fn desired(
     ]);
     pod_annotations.insert(
         "kubectl.kubernetes.io/default-container".into(),
-        CONTAINER_NAME.into(),
+        W::COMPONENT.into(),
     );
 
     let deployment = Deployment {
@@ -558,8 +615,8 @@ pub fn desired(
                     }),
                     containers: vec![container],
                     volumes: Some(volumes),
-                    node_selector: spec.node_selector.clone(),
-                    tolerations: spec.tolerations.clone(),
+                    node_selector: spec.node_selector.cloned(),
+                    tolerations: spec.tolerations.cloned(),
                     ..Default::default()
                 }),
             },

@@ -1,16 +1,24 @@
-//! Pure computation of an `OutboxRelay`'s status from what the cluster reports.
+//! Pure computation of a relay's status (either kind) from what the cluster reports.
 //!
-//! Input: the relay (for its generation and previous conditions), the worker Deployment and
-//! the Lease as read back from the API server, an optional blocker found by reconcile
-//! (invalid spec, missing Secret), and the current time. Output: the whole status. Keeping
-//! this free of I/O lets the condition logic be tested exhaustively.
+//! Input: the relay (for its generation, previous conditions and `stalledAfter`), the
+//! worker Deployment and the Lease as read back from the API server (the Lease carries the
+//! active worker's figures, see [`crate::report`]), an optional blocker found by reconcile
+//! (invalid spec, missing Secret, name conflict, image not allowed), and the current time.
+//! Output: the whole status. Keeping this free of I/O lets the condition logic be tested
+//! exhaustively.
+//!
+//! `Ready` means messages flow, not only that pods run: it is `False` with reason `Stalled`
+//! while rows wait and the active worker reports no progress for `stalledAfter` (counted
+//! from its last progress, or from when it took the Lease if it made none since).
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::ResourceExt;
 
-use crate::crd::{Condition, OutboxRelay, OutboxRelayStatus};
+use crate::crd::{Condition, WorkerStatus};
+use crate::report::{self, Report, human_duration};
+use crate::resources::selector_labels;
+use crate::workload::Workload;
 
 /// Condition type: at least one worker is ready and a worker holds the Lease.
 pub const READY: &str = "Ready";
@@ -28,6 +36,10 @@ pub enum Blocker {
     SecretNotFound(String),
     /// A referenced Secret exists but lacks the key.
     SecretKeyNotFound(String),
+    /// An object the relay would own exists and belongs to someone else; it is left alone.
+    NameConflict(String),
+    /// `spec.image` is not the operator's worker image and not on its allowlist.
+    ImageNotAllowed(String),
 }
 
 impl Blocker {
@@ -37,6 +49,8 @@ impl Blocker {
             Blocker::InvalidSpec(_) => "InvalidSpec",
             Blocker::SecretNotFound(_) => "SecretNotFound",
             Blocker::SecretKeyNotFound(_) => "SecretKeyNotFound",
+            Blocker::NameConflict(_) => "NameConflict",
+            Blocker::ImageNotAllowed(_) => "ImageNotAllowed",
         }
     }
     /// The condition message.
@@ -44,7 +58,9 @@ impl Blocker {
         match self {
             Blocker::InvalidSpec(m)
             | Blocker::SecretNotFound(m)
-            | Blocker::SecretKeyNotFound(m) => m,
+            | Blocker::SecretKeyNotFound(m)
+            | Blocker::NameConflict(m)
+            | Blocker::ImageNotAllowed(m) => m,
         }
     }
 }
@@ -99,19 +115,44 @@ impl Builder<'_> {
     }
 }
 
+/// Why `Ready` is `False` with reason `Stalled`, or `None` when messages flow (or nothing
+/// waits, or the figures are missing). `since` is when the term of the reporting worker
+/// began (the Lease's acquire time).
+pub fn stalled(
+    report: &Report,
+    since: Option<Timestamp>,
+    stalled_after: std::time::Duration,
+    progress: &str,
+    now: Timestamp,
+) -> Option<String> {
+    let backlog = report.backlog.filter(|n| *n > 0)?;
+    let last = match (report.last_progress, since) {
+        (Some(a), Some(b)) => a.max(b),
+        (a, b) => a.or(b)?,
+    };
+    let quiet = now.duration_since(last);
+    let quiet = std::time::Duration::try_from(quiet).unwrap_or_default();
+    (quiet > stalled_after).then(|| {
+        format!(
+            "{backlog} rows wait and none was {progress} for {} (stalledAfter {})",
+            human_duration(quiet),
+            human_duration(stalled_after)
+        )
+    })
+}
+
 /// Computes the relay's status. `deployment` and `lease` are `None` when they do not exist
 /// (yet); `blocker` is what stopped reconcile from applying the desired objects.
-pub fn compute(
-    relay: &OutboxRelay,
+pub fn compute<W: Workload>(
+    relay: &W,
     deployment: Option<&Deployment>,
     lease: Option<&Lease>,
     blocker: Option<&Blocker>,
     now: Timestamp,
-) -> OutboxRelayStatus {
-    let generation = relay.metadata.generation;
+) -> WorkerStatus {
+    let generation = relay.meta().generation;
     let previous = relay
-        .status
-        .as_ref()
+        .worker_status()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     let mut b = Builder {
@@ -129,7 +170,23 @@ pub fn compute(
         .and_then(|s| s.ready_replicas)
         .or(deployment.map(|_| 0));
     let leader = lease.and_then(|l| current_leader(l, now));
-    let desired = relay.spec.replicas;
+    let desired = relay.worker().replicas;
+    // Figures count only while their reporter leads: a stale report says nothing.
+    let report = lease
+        .filter(|_| leader.is_some())
+        .map(report::read)
+        .unwrap_or_default();
+    let term_start = lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.acquire_time.as_ref())
+        .map(|t| t.0);
+    let stall = stalled(
+        &report,
+        term_start,
+        relay.worker().stalled_after(),
+        W::PROGRESS,
+        now,
+    );
 
     if let Some(blocker) = blocker {
         let (reason, message) = (blocker.reason(), blocker.message().to_owned());
@@ -207,12 +264,24 @@ pub fn compute(
                 "NoReadyReplicas",
                 format!("0/{desired} worker replicas ready"),
             );
+        } else if !relay.elects_leader() {
+            b.set(
+                READY,
+                true,
+                "AllConsuming",
+                format!("{ready}/{desired} replicas ready, all consuming (no leader election)"),
+            );
+        } else if let Some(stall) = &stall {
+            b.set(READY, false, "Stalled", stall.clone());
         } else if let Some(holder) = &leader {
             b.set(
                 READY,
                 true,
                 "LeaderElected",
-                format!("{ready}/{desired} replicas ready, {holder} is relaying"),
+                format!(
+                    "{ready}/{desired} replicas ready, {holder} is the active {}",
+                    W::COMPONENT
+                ),
             );
         } else {
             b.set(
@@ -245,30 +314,35 @@ pub fn compute(
     let order = |t: &str| [READY, PROGRESSING, DEGRADED].iter().position(|x| *x == t);
     b.out.sort_by_key(|c| order(&c.type_));
 
-    OutboxRelayStatus {
+    let selector = selector_labels(relay)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    WorkerStatus {
         observed_generation: generation,
         replicas,
         ready_replicas,
+        selector: Some(selector),
         leader,
+        backlog: report.backlog,
+        oldest_pending_age: report.oldest_pending_age.map(human_duration),
+        messages_total: report.messages_total,
+        dead_letters: report.dead_letters,
+        last_progress_time: report.last_progress.map(|t| t.to_string()),
+        paused_keys: report.paused_keys,
+        parked_rows: report.parked_rows,
+        report_time: report.report_time.map(|t| t.to_string()),
         conditions: b.out,
     }
 }
 
 /// The named condition of a status, for callers and tests.
-pub fn condition<'a>(status: &'a OutboxRelayStatus, type_: &str) -> Option<&'a Condition> {
+pub fn condition<'a>(status: &'a WorkerStatus, type_: &str) -> Option<&'a Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// Whether status says the relay is Ready (used to pick the requeue interval).
-pub fn is_ready(status: &OutboxRelayStatus) -> bool {
+pub fn is_ready(status: &WorkerStatus) -> bool {
     condition(status, READY).is_some_and(|c| c.status == "True")
-}
-
-/// Name of the relay a status is about, for log lines.
-pub fn describe(relay: &OutboxRelay) -> String {
-    format!(
-        "{}/{}",
-        relay.namespace().unwrap_or_default(),
-        relay.name_any()
-    )
 }

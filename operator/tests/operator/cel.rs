@@ -53,7 +53,7 @@ fn cel_only_samples_fail_cel_naming_the_field() {
         .filter(|n| n.starts_with("invalid-cel-"))
         .collect();
     names.sort();
-    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(names.len(), 7, "{names:?}");
     for name in names {
         let text = example_text(&name);
         let field = text

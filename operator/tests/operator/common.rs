@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use outbox_operator::crd::OutboxRelay;
+use outbox_operator::crd::{InboxRelay, OutboxRelay};
 use outbox_operator::resources::Settings;
 
 /// `operator/` (the crate root).
@@ -14,6 +14,17 @@ pub fn crate_dir() -> PathBuf {
 pub fn example_text(name: &str) -> String {
     let path = crate_dir().join("examples").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `operator/examples/inbox/<name>` parsed as an InboxRelay, with a uid and generation as
+/// the API server would set them.
+pub fn inbox_example(name: &str) -> InboxRelay {
+    let text = example_text(&format!("inbox/{name}"));
+    let mut relay: InboxRelay =
+        serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    relay.metadata.uid = Some("66666666-7777-8888-9999-000000000000".into());
+    relay.metadata.generation = Some(1);
+    relay
 }
 
 /// An example parsed as an OutboxRelay, with the uid and namespace the API server would set.
@@ -33,6 +44,8 @@ pub fn example(name: &str) -> OutboxRelay {
 pub fn settings() -> Settings {
     Settings {
         default_image: "ghcr.io/outbox-dev/outbox-worker:0.0.0-test".into(),
+        // The examples name images of these registries in spec.image.
+        image_allowlist: vec!["registry.example.com/".into(), "ghcr.io/outbox-dev/".into()],
     }
 }
 

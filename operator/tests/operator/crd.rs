@@ -1,21 +1,87 @@
 //! The generated CRD.
 
 use kube::CustomResourceExt;
-use outbox_operator::crd::{OutboxRelay, crd_yaml};
+use outbox_operator::crd::{InboxRelay, OutboxRelay, crd_yaml};
 use serde_json::json;
 
 use crate::common::crate_dir;
 
 #[test]
 fn crds_dir_matches_generated_crd() {
-    let path = crate_dir().join("../crds/outboxrelays.outbox.dev.yaml");
-    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-    let generated = crd_yaml().expect("crd yaml");
-    assert!(
-        on_disk == generated,
-        "{} is out of date with the OutboxRelay types: run `make crds` \
-         (cargo run -q -p operator -- crd > crds/outboxrelays.outbox.dev.yaml)",
-        path.display()
+    for plural in ["outboxrelays", "inboxrelays"] {
+        let path = crate_dir().join(format!("../crds/{plural}.outbox.dev.yaml"));
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        let generated = crd_yaml(Some(plural)).expect("crd yaml");
+        assert!(
+            on_disk == generated,
+            "{} is out of date with the types: run `make crds`",
+            path.display()
+        );
+    }
+    // Without a name: both, as two YAML documents.
+    let both = crd_yaml(None).expect("both");
+    assert_eq!(both.matches("kind: CustomResourceDefinition").count(), 2);
+}
+
+#[test]
+fn both_kinds_have_a_scale_subresource_for_kubectl_scale_and_hpa() {
+    for crd in [
+        serde_json::to_value(OutboxRelay::crd()).expect("json"),
+        serde_json::to_value(InboxRelay::crd()).expect("json"),
+    ] {
+        assert_eq!(
+            crd["spec"]["versions"][0]["subresources"]["scale"],
+            json!({
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector"
+            })
+        );
+    }
+}
+
+#[test]
+fn inbox_relay_names_and_schema() {
+    use outbox_operator::crd;
+    let crd = serde_json::to_value(InboxRelay::crd()).expect("json");
+    assert_eq!(crd["metadata"]["name"], "inboxrelays.outbox.dev");
+    let spec = &crd["spec"];
+    assert_eq!(spec["names"]["kind"], "InboxRelay");
+    assert_eq!(spec["names"]["shortNames"], json!(["ibr"]));
+    assert_eq!(spec["names"]["categories"], json!(["outbox"]));
+    let root = &spec["versions"][0]["schema"]["openAPIV3Schema"];
+    let s = &root["properties"]["spec"];
+    assert_eq!(s["required"], json!(["database", "pubsub"]));
+    assert_eq!(
+        s["properties"]["database"]["properties"]["table"]["default"],
+        "inbox"
+    );
+    let sub = &s["properties"]["pubsub"]["properties"]["subscription"];
+    assert_eq!(sub["pattern"], crd::SUBSCRIPTION_PATTERN);
+    assert_eq!(s["properties"]["streams"]["maximum"].as_f64(), Some(16.0));
+    assert_eq!(s["properties"]["stalledAfter"]["default"], "5m");
+    assert_eq!(
+        root["x-kubernetes-validations"][0]["rule"],
+        "self.metadata.name.size() <= 57"
+    );
+    let columns: Vec<&str> = spec["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Subscription",
+            "Replicas",
+            "Ready",
+            "Leader",
+            "Backlog",
+            "Lag",
+            "Status",
+            "Age"
+        ]
     );
 }
 
@@ -58,6 +124,12 @@ fn printer_columns() {
             ("REPLICAS".into(), ".spec.replicas".into()),
             ("READY".into(), ".status.readyReplicas".into()),
             ("LEADER".into(), ".status.leader".into()),
+            ("BACKLOG".into(), ".status.backlog".into()),
+            ("LAG".into(), ".status.oldestPendingAge".into()),
+            (
+                "STATUS".into(),
+                ".status.conditions[?(@.type==\"Ready\")].reason".into()
+            ),
             ("AGE".into(), ".metadata.creationTimestamp".into()),
         ]
     );

@@ -31,7 +31,12 @@ use kube::Client;
 use serde_json::{Value, json};
 
 /// Resources (plural) that have a status subresource.
-const WITH_STATUS: &[&str] = &["outboxrelays", "deployments", "poddisruptionbudgets"];
+const WITH_STATUS: &[&str] = &[
+    "outboxrelays",
+    "inboxrelays",
+    "deployments",
+    "poddisruptionbudgets",
+];
 
 #[derive(Default)]
 struct State {
@@ -523,8 +528,9 @@ impl FakeApi {
         self.lock().log.clone()
     }
 
-    /// Stand-in for the garbage collector: deletes (repeatedly) every object whose
-    /// controller owner reference names a uid that no longer exists. Returns what it deleted.
+    /// Stand-in for the garbage collector: deletes (repeatedly) every object that has owner
+    /// references and none of whose owners exists any more (controller or not, as the real
+    /// one does). Returns what it deleted.
     pub fn collect_garbage(&self) -> Vec<String> {
         let mut state = self.lock();
         let mut deleted = Vec::new();
@@ -541,10 +547,10 @@ impl FakeApi {
                     o["metadata"]["ownerReferences"]
                         .as_array()
                         .is_some_and(|refs| {
-                            refs.iter().any(|r| {
-                                r["controller"] == json!(true)
-                                    && r["uid"].as_str().is_some_and(|u| !uids.contains(u))
-                            })
+                            !refs.is_empty()
+                                && refs
+                                    .iter()
+                                    .all(|r| r["uid"].as_str().is_some_and(|u| !uids.contains(u)))
                         })
                 })
                 .map(|(k, _)| k.clone())

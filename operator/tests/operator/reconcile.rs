@@ -16,14 +16,14 @@ use serde_json::{Value, json};
 use crate::common::{example_text, settings};
 use crate::fake_api::FakeApi;
 
-const NS: &str = "shop";
-const RELAYS: &str = "/apis/outbox.dev/v1alpha1/namespaces/shop/outboxrelays";
-const SECRETS: &str = "/api/v1/namespaces/shop/secrets";
-const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
-const PDBS: &str = "/apis/policy/v1/namespaces/shop/poddisruptionbudgets";
-const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
-const OWNED: &[&str] = &[
+pub(crate) const NS: &str = "shop";
+pub(crate) const RELAYS: &str = "/apis/outbox.dev/v1alpha1/namespaces/shop/outboxrelays";
+pub(crate) const SECRETS: &str = "/api/v1/namespaces/shop/secrets";
+pub(crate) const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
+pub(crate) const PDBS: &str = "/apis/policy/v1/namespaces/shop/poddisruptionbudgets";
+pub(crate) const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
+pub(crate) const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+pub(crate) const OWNED: &[&str] = &[
     "/api/v1/namespaces/shop/serviceaccounts",
     "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles",
     "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings",
@@ -31,13 +31,13 @@ const OWNED: &[&str] = &[
     PDBS,
 ];
 
-struct Harness {
-    api: FakeApi,
-    ctx: Arc<Context>,
-    metrics: Arc<Metrics>,
+pub(crate) struct Harness {
+    pub(crate) api: FakeApi,
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
-fn harness() -> Harness {
+pub(crate) fn harness() -> Harness {
     let api = FakeApi::new();
     let metrics = Arc::new(Metrics::new());
     let mut ctx = Context::new(
@@ -55,17 +55,17 @@ fn harness() -> Harness {
 }
 
 impl Harness {
-    fn create_relay(&self, example: &str) -> OutboxRelay {
+    pub(crate) fn create_relay(&self, example: &str) -> OutboxRelay {
         let value: Value = serde_norway::from_str(&example_text(example)).expect("yaml");
         let stored = self.api.create(RELAYS, value);
         serde_json::from_value(stored).expect("relay")
     }
 
-    fn relay(&self, name: &str) -> OutboxRelay {
+    pub(crate) fn relay(&self, name: &str) -> OutboxRelay {
         serde_json::from_value(self.api.get(RELAYS, name).expect("relay stored")).expect("relay")
     }
 
-    fn create_secret(&self, name: &str, key: &str, value: &str) {
+    pub(crate) fn create_secret(&self, name: &str, key: &str, value: &str) {
         use std::io::Write;
         let mut b64 = Vec::new();
         // base64 without a dependency: let k8s-openapi's ByteString do it.
@@ -89,16 +89,16 @@ impl Harness {
         );
     }
 
-    async fn reconcile(&self, name: &str) -> Result<Action, Error> {
+    pub(crate) async fn reconcile(&self, name: &str) -> Result<Action, Error> {
         reconcile(Arc::new(self.relay(name)), self.ctx.clone()).await
     }
 
-    fn deployment(&self, name: &str) -> Value {
+    pub(crate) fn deployment(&self, name: &str) -> Value {
         self.api.get(DEPLOYMENTS, name).expect("deployment")
     }
 }
 
-fn cond(relay: &OutboxRelay, t: &str) -> (String, String, String) {
+pub(crate) fn cond(relay: &OutboxRelay, t: &str) -> (String, String, String) {
     let status = relay.status.as_ref().expect("status");
     let c = condition(status, t).unwrap_or_else(|| panic!("{t} missing"));
     (c.status.clone(), c.reason.clone(), c.message.clone())

@@ -28,22 +28,25 @@ def errors(schema, instance):
 
 
 @pytest.mark.parametrize("name", VALID_EXAMPLES)
-def test_valid_samples_pass(relay_schema, name):
-    assert errors(relay_schema, load_example(name)) == []
+def test_valid_samples_pass(schema_for, name):
+    sample = load_example(name)
+    assert errors(schema_for(sample), sample) == []
 
 
 @pytest.mark.parametrize("name", invalid_examples(cel=False))
-def test_invalid_samples_fail_naming_the_field(relay_schema, name):
+def test_invalid_samples_fail_naming_the_field(schema_for, name):
     field = expected_field(EXAMPLES / name)
-    found = errors(relay_schema, load_example(name))
+    sample = load_example(name)
+    found = errors(schema_for(sample), sample)
     assert found, f"{name} passed the CRD schema"
     assert any(field in e for e in found), f"{name}: {found} does not name {field}"
 
 
 @pytest.mark.parametrize("name", invalid_examples(cel=True))
-def test_cel_only_samples_pass_the_structural_schema(relay_schema, name):
+def test_cel_only_samples_pass_the_structural_schema(schema_for, name):
     # Only CEL (server-side) refuses these; see the render test below.
-    assert errors(relay_schema, load_example(name)) == []
+    sample = load_example(name)
+    assert errors(schema_for(sample), sample) == []
 
 
 @pytest.mark.parametrize("name", invalid_examples(cel=False) + invalid_examples(cel=True))
@@ -55,9 +58,14 @@ def test_render_refuses_invalid_samples_naming_the_field(name):
     assert result.stdout == ""
 
 
-def test_printer_columns(crd):
-    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"].upper() for c in columns] == ["TOPIC", "REPLICAS", "READY", "LEADER", "AGE"]
+@pytest.mark.parametrize(
+    "kind,first", [("OutboxRelay", "TOPIC"), ("InboxRelay", "SUBSCRIPTION")]
+)
+def test_printer_columns(crds, kind, first):
+    columns = crds[kind]["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"].upper() for c in columns] == [
+        first, "REPLICAS", "READY", "LEADER", "BACKLOG", "LAG", "STATUS", "AGE",
+    ]
 
 
 def test_cel_rules_present(relay_schema):

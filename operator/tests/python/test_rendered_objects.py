@@ -11,11 +11,21 @@ EXPECTED_KINDS = {
     "minimal.yaml": ["ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget"],
     "full.yaml": ["ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget"],
     "dev.yaml": ["ServiceAccount", "Role", "RoleBinding", "Deployment"],
+    "inbox/minimal.yaml": ["ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget"],
+    "inbox/full.yaml": ["ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget"],
+    "inbox/unordered.yaml": ["ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget"],
 }
 
 
 def render(name):
-    out = run_operator("render", "-f", str(EXAMPLES / name)).stdout
+    # The examples name images of these registries in spec.image.
+    out = run_operator(
+        "render",
+        "-f",
+        str(EXAMPLES / name),
+        "--image-allowlist",
+        "registry.example.com/,ghcr.io/outbox-dev/",
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc is not None]
 
 
@@ -48,8 +58,9 @@ def test_pod_hardening(name):
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_crd_is_a_valid_customresourcedefinition(crd, version):
-    kubernetes_validate.validate(crd, version, strict=True)
+@pytest.mark.parametrize("kind", ["OutboxRelay", "InboxRelay"])
+def test_crd_is_a_valid_customresourcedefinition(crds, kind, version):
+    kubernetes_validate.validate(crds[kind], version, strict=True)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

@@ -1,4 +1,6 @@
-//! The `OutboxRelay` custom resource: types, CRD generation and spec validation.
+//! The custom resources, `OutboxRelay` ([`outbox`]) and `InboxRelay` ([`inbox`]): the
+//! types both share (Secret references, leader election, tracing, status), CRD generation
+//! and spec validation.
 //!
 //! Validation is declared twice on purpose, from the same constants: in the CRD schema
 //! (patterns, ranges and CEL `x-kubernetes-validations`, so the API server refuses a bad
@@ -7,15 +9,22 @@
 //! cluster does not evaluate) is reported with the same message everywhere.
 
 use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use std::fmt;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
-use kube::{CustomResource, CustomResourceExt, KubeSchema, ResourceExt};
+use kube::{CustomResourceExt, KubeSchema};
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+mod inbox;
+mod outbox;
+
+pub use inbox::{InboxDatabaseSpec, InboxPubSubSpec, InboxRelay, InboxRelaySpec, validate_inbox};
+pub use outbox::{DatabaseSpec, OutboxRelay, OutboxRelaySpec, PubSubSpec, validate};
 
 /// API group of the custom resource.
 pub const GROUP: &str = "outbox.dev";
@@ -30,6 +39,10 @@ pub const SQL_IDENTIFIER_PATTERN: &str =
 /// rules for project ids and topic ids.
 pub const TOPIC_PATTERN: &str =
     r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$";
+/// A fully-qualified Pub/Sub subscription name (`projects/P/subscriptions/S`), by the same
+/// naming rules as topics.
+pub const SUBSCRIPTION_PATTERN: &str =
+    r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/subscriptions/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$";
 /// CEL rule for what the pattern cannot say: topic ids may not start with `goog`.
 pub const TOPIC_NOT_GOOG_RULE: &str = "!self.matches('^projects/[^/]+/topics/goog')";
 /// `host:port` of the Pub/Sub emulator.
@@ -83,107 +96,6 @@ pub const MAX_RESOURCE_ATTRIBUTES: usize = 32;
 /// Longest resource attribute value (characters, before encoding).
 pub const MAX_RESOURCE_ATTRIBUTE_VALUE: usize = 512;
 
-/// Desired state of a relay: one Deployment of `outbox-worker relay` with leader election,
-/// moving rows from a PostgreSQL outbox table to a Pub/Sub topic.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "outbox.dev",
-    version = "v1alpha1",
-    kind = "OutboxRelay",
-    plural = "outboxrelays",
-    singular = "outboxrelay",
-    shortname = "obr",
-    category = "outbox",
-    namespaced,
-    status = "OutboxRelayStatus",
-    derive = "PartialEq",
-    doc = "OutboxRelay runs the transactional-outbox relay (PostgreSQL table to Pub/Sub topic) as a Deployment with leader election.",
-    validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters (it is used as a label value)"),
-    printcolumn(name = "Topic", type_ = "string", json_path = ".spec.pubsub.topic", description = "Pub/Sub topic"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Desired worker replicas"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready worker replicas"),
-    printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader", description = "Pod holding the relay's Lease"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
-)]
-#[serde(rename_all = "camelCase")]
-pub struct OutboxRelaySpec {
-    /// Number of worker pods. Only the Lease holder relays; the others are hot standbys.
-    #[serde(default = "default_replicas")]
-    #[schemars(range(min = 0, max = 20))]
-    pub replicas: i32,
-
-    /// Where the outbox table lives.
-    pub database: DatabaseSpec,
-
-    /// Where messages are published.
-    pub pubsub: PubSubSpec,
-
-    /// Maximum rows claimed and published per batch (the worker's default when unset).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10000))]
-    pub batch_size: Option<i32>,
-
-    /// Timings of the worker's leader election (client-go semantics).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub leader_election: Option<LeaderElectionSpec>,
-
-    /// Worker image; defaults to the operator's `--worker-image`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512), pattern(IMAGE_PATTERN))]
-    pub image: Option<String>,
-
-    /// Compute resources of the worker container (defaults: 50m CPU / 64Mi requested,
-    /// 256Mi memory limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
-
-    /// Node selector of the worker pods.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<BTreeMap<String, String>>,
-
-    /// Tolerations of the worker pods.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tolerations: Option<Vec<Toleration>>,
-
-    /// OpenTelemetry trace export of the workers, as the standard `OTEL_*` environment
-    /// variables. Absent: no `OTEL_*` variable is set (the worker exports nothing).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tracing: Option<TracingSpec>,
-}
-
-/// PostgreSQL settings. The URL (with its password) only ever comes from a Secret.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DatabaseSpec {
-    /// Secret key holding the PostgreSQL connection URL (`DATABASE_URL`).
-    pub url_secret_ref: SecretKeyRef,
-
-    /// Outbox table, optionally schema-qualified (`schema.table`).
-    #[serde(default = "default_table")]
-    #[schemars(length(min = 1, max = 127), pattern(SQL_IDENTIFIER_PATTERN))]
-    pub table: String,
-}
-
-/// Pub/Sub settings.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PubSubSpec {
-    /// Full topic name, `projects/PROJECT/topics/TOPIC`.
-    #[schemars(length(min = 1, max = 300), pattern(TOPIC_PATTERN))]
-    #[x_kube(validation = Rule::new("!self.matches('^projects/[^/]+/topics/goog')").message("topic id must not start with \"goog\""))]
-    pub topic: String,
-
-    /// `host:port` of a Pub/Sub emulator (development clusters only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 3, max = 260), pattern(EMULATOR_HOST_PATTERN))]
-    pub emulator_host: Option<String>,
-
-    /// Secret key holding a service-account JSON key; without it the worker uses Workload
-    /// Identity / Application Default Credentials.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_secret_ref: Option<SecretKeyRef>,
-}
-
 /// A key of a Secret in the relay's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
@@ -201,7 +113,11 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("duration(self.renewDeadline) < duration(self.leaseDuration) && duration(self.retryPeriod) < duration(self.renewDeadline)").message("leaderElection requires retryPeriod < renewDeadline < leaseDuration"))]
 pub struct LeaderElectionSpec {
-    /// Name of the Lease (defaults to the relay's name).
+    /// InboxRelay only: `false` lets every replica consume at once, which is safe only for a
+    /// subscription without message ordering. An OutboxRelay always elects one publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Name of the Lease (defaults to the name of the relay's Deployment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
     pub lease_name: Option<String>,
@@ -351,6 +267,7 @@ impl TracesSampler {
 impl Default for LeaderElectionSpec {
     fn default() -> Self {
         Self {
+            enabled: None,
             lease_name: None,
             lease_duration: default_lease_duration(),
             renew_deadline: default_renew_deadline(),
@@ -359,22 +276,53 @@ impl Default for LeaderElectionSpec {
     }
 }
 
-/// Observed state, written by the operator through the status subresource.
+/// Observed state of a relay (either kind), written by the operator through the status
+/// subresource. The figures (`backlog` to `reportTime`) are what the active worker last
+/// reported on its Lease (see [`crate::report`]); they are absent while no worker leads.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct OutboxRelayStatus {
+pub struct WorkerStatus {
     /// `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Worker pods that exist (from the Deployment).
+    /// Worker pods that exist (from the Deployment); the scale subresource's status replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
     /// Worker pods that are ready (from the Deployment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// Label selector of the worker pods, for the scale subresource (HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Pod currently holding the relay's Lease, if the Lease is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
+    /// Rows waiting: unpublished outbox rows, or unprocessed inbox rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
+    /// Age of the oldest waiting row (e.g. `1m5s`; `0s` when nothing waits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age: Option<String>,
+    /// Messages published (outbox) or stored in the inbox by the active worker since it
+    /// started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_total: Option<i64>,
+    /// Messages dead-lettered by the active worker since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<i64>,
+    /// Last progress (RFC 3339): the last published batch (outbox), or the newest row the
+    /// application processed (inbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<String>,
+    /// Ordering keys the relay holds back after a failed publish (outbox only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_keys: Option<i64>,
+    /// Inbox rows parked after too many failed attempts, waiting for a person (inbox only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_rows: Option<i64>,
+    /// When the worker took the figures above (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_time: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
@@ -405,11 +353,8 @@ pub struct Condition {
 fn default_true() -> bool {
     true
 }
-fn default_replicas() -> i32 {
+pub(crate) fn default_replicas() -> i32 {
     2
-}
-fn default_table() -> String {
-    "outbox".to_owned()
 }
 fn default_lease_duration() -> String {
     "15s".to_owned()
@@ -421,32 +366,16 @@ fn default_retry_period() -> String {
     "2s".to_owned()
 }
 
-impl OutboxRelaySpec {
-    /// Leader-election settings with defaults filled in.
-    pub fn leader_election_or_default(&self) -> LeaderElectionSpec {
-        self.leader_election.clone().unwrap_or_default()
-    }
-
-    /// The tracing section when the workers export traces (see [`TracingSpec::is_active`]).
-    pub fn active_tracing(&self) -> Option<&TracingSpec> {
-        self.tracing.as_ref().filter(|t| t.is_active())
-    }
-}
-
-impl OutboxRelay {
-    /// Name of the Lease the workers compete for (and that status reads the leader from).
-    pub fn lease_name(&self) -> String {
-        self.spec
-            .leader_election
-            .as_ref()
-            .and_then(|le| le.lease_name.clone())
-            .unwrap_or_else(|| self.name_any())
-    }
-}
-
 /// Renders the CRD as YAML; what `outbox-operator crd` prints and `crds/` stores.
-pub fn crd_yaml() -> Result<String, serde_norway::Error> {
-    serde_norway::to_string(&OutboxRelay::crd())
+/// `plural` picks one (`outboxrelays`, `inboxrelays`); `None` gives both as two documents.
+pub fn crd_yaml(plural: Option<&str>) -> Result<String, serde_norway::Error> {
+    let outbox = || serde_norway::to_string(&OutboxRelay::crd());
+    let inbox = || serde_norway::to_string(&InboxRelay::crd());
+    match plural {
+        Some("outboxrelays") => outbox(),
+        Some(_) => inbox(),
+        None => Ok(format!("{}---\n{}", outbox()?, inbox()?)),
+    }
 }
 
 /// One problem in a spec, naming the field as `kubectl` would (`spec.pubsub.topic`).
@@ -466,12 +395,17 @@ impl fmt::Display for FieldError {
 
 /// All problems of an invalid spec; the text becomes the `InvalidSpec` condition message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct InvalidSpec(pub Vec<FieldError>);
+pub struct InvalidSpec {
+    /// Kind of the resource (`OutboxRelay`, `InboxRelay`).
+    pub kind: &'static str,
+    /// Every problem found.
+    pub errors: Vec<FieldError>,
+}
 
 impl fmt::Display for InvalidSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        write!(f, "invalid OutboxRelay: {}", parts.join("; "))
+        let parts: Vec<String> = self.errors.iter().map(ToString::to_string).collect();
+        write!(f, "invalid {}: {}", self.kind, parts.join("; "))
     }
 }
 
@@ -480,8 +414,9 @@ fn re(pattern: &'static str) -> Regex {
     Regex::new(pattern).unwrap_or_else(|e| panic!("invalid built-in pattern {pattern}: {e}"))
 }
 
-static SQL_IDENTIFIER: LazyLock<Regex> = LazyLock::new(|| re(SQL_IDENTIFIER_PATTERN));
-static TOPIC: LazyLock<Regex> = LazyLock::new(|| re(TOPIC_PATTERN));
+pub(crate) static SQL_IDENTIFIER: LazyLock<Regex> = LazyLock::new(|| re(SQL_IDENTIFIER_PATTERN));
+pub(crate) static TOPIC: LazyLock<Regex> = LazyLock::new(|| re(TOPIC_PATTERN));
+pub(crate) static SUBSCRIPTION: LazyLock<Regex> = LazyLock::new(|| re(SUBSCRIPTION_PATTERN));
 static EMULATOR_HOST: LazyLock<Regex> = LazyLock::new(|| re(EMULATOR_HOST_PATTERN));
 static DNS_SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| re(DNS_SUBDOMAIN_PATTERN));
 static SECRET_KEY: LazyLock<Regex> = LazyLock::new(|| re(SECRET_KEY_PATTERN));
@@ -512,23 +447,30 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(total)
 }
 
-struct Checker(Vec<FieldError>);
+pub(crate) struct Checker(Vec<FieldError>);
 
 impl Checker {
-    fn fail(&mut self, field: &str, message: impl Into<String>) {
+    pub(crate) fn fail(&mut self, field: &str, message: impl Into<String>) {
         self.0.push(FieldError {
             field: field.to_owned(),
             message: message.into(),
         });
     }
-    fn pattern(&mut self, field: &str, value: &str, regex: &Regex, pattern: &str, max: usize) {
+    pub(crate) fn pattern(
+        &mut self,
+        field: &str,
+        value: &str,
+        regex: &Regex,
+        pattern: &str,
+        max: usize,
+    ) {
         if value.len() > max {
             self.fail(field, format!("must be at most {max} characters"));
         } else if !regex.is_match(value) {
             self.fail(field, format!("{value:?} must match {pattern}"));
         }
     }
-    fn secret_ref(&mut self, field: &str, r: &SecretKeyRef) {
+    pub(crate) fn secret_ref(&mut self, field: &str, r: &SecretKeyRef) {
         self.pattern(
             &format!("{field}.name"),
             &r.name,
@@ -546,47 +488,78 @@ impl Checker {
     }
 }
 
-/// Validates a relay with the same rules as the CRD schema (patterns, ranges and the CEL
-/// rules). Called by `render` and by every reconcile; the error text is the `InvalidSpec`
-/// condition message.
-pub fn validate(relay: &OutboxRelay) -> Result<(), InvalidSpec> {
-    let mut c = Checker(Vec::new());
-    let name = relay.name_any();
+/// The fields both kinds of relay share, borrowed from either spec: what the Deployment,
+/// the Role and the shared validation are made from.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerSpec<'a> {
+    /// Desired worker pods.
+    pub replicas: i32,
+    /// Secret key of the database URL.
+    pub url_secret_ref: &'a SecretKeyRef,
+    /// Secret key of a Google service-account key.
+    pub credentials_secret_ref: Option<&'a SecretKeyRef>,
+    /// Pub/Sub emulator `host:port`.
+    pub emulator_host: Option<&'a str>,
+    /// Leader-election settings.
+    pub leader_election: Option<&'a LeaderElectionSpec>,
+    /// Worker image.
+    pub image: Option<&'a str>,
+    /// Worker container resources.
+    pub resources: Option<&'a ResourceRequirements>,
+    /// Node selector of the pods.
+    pub node_selector: Option<&'a BTreeMap<String, String>>,
+    /// Tolerations of the pods.
+    pub tolerations: Option<&'a Vec<Toleration>>,
+    /// Trace export.
+    pub tracing: Option<&'a TracingSpec>,
+    /// How long rows may wait without progress before `Ready` turns `False` (`Stalled`).
+    pub stalled_after: &'a str,
+}
+
+impl WorkerSpec<'_> {
+    /// The tracing section when the workers export traces (see [`TracingSpec::is_active`]).
+    pub fn active_tracing(&self) -> Option<&TracingSpec> {
+        self.tracing.filter(|t| t.is_active())
+    }
+    /// Leader-election settings with defaults filled in.
+    pub fn leader_election_or_default(&self) -> LeaderElectionSpec {
+        self.leader_election.cloned().unwrap_or_default()
+    }
+    /// `stalledAfter` as a duration (the default when it does not parse; validation
+    /// reports that).
+    pub fn stalled_after(&self) -> Duration {
+        parse_duration(self.stalled_after).unwrap_or(DEFAULT_STALLED_AFTER)
+    }
+}
+
+/// Default of `spec.stalledAfter`.
+pub const DEFAULT_STALLED_AFTER: Duration = Duration::from_secs(300);
+
+pub(crate) fn default_stalled_after() -> String {
+    "5m".to_owned()
+}
+
+/// Checks what both kinds share: the name (at most `max_name` characters, which leaves
+/// room for the suffix of the owned objects' names) and the [`WorkerSpec`] fields.
+pub(crate) fn validate_worker(c: &mut Checker, name: &str, max_name: usize, w: &WorkerSpec) {
     if name.is_empty() {
         c.fail("metadata.name", "is required");
-    } else if name.len() > 63 {
+    } else if name.len() > max_name {
         c.fail(
             "metadata.name",
-            "must be at most 63 characters (it is used as a label value)",
+            format!("must be at most {max_name} characters (it is used as a label value)"),
         );
-    } else if !DNS_SUBDOMAIN.is_match(&name) {
+    } else if !DNS_SUBDOMAIN.is_match(name) {
         c.fail(
             "metadata.name",
             format!("{name:?} must match {DNS_SUBDOMAIN_PATTERN}"),
         );
     }
-    let spec = &relay.spec;
-    if !(0..=20).contains(&spec.replicas) {
+    if !(0..=20).contains(&w.replicas) {
         c.fail("spec.replicas", "must be between 0 and 20");
     }
-    c.secret_ref("spec.database.urlSecretRef", &spec.database.url_secret_ref);
-    c.pattern(
-        "spec.database.table",
-        &spec.database.table,
-        &SQL_IDENTIFIER,
-        SQL_IDENTIFIER_PATTERN,
-        127,
-    );
-    let topic = &spec.pubsub.topic;
-    c.pattern("spec.pubsub.topic", topic, &TOPIC, TOPIC_PATTERN, 300);
-    if TOPIC.is_match(topic)
-        && topic
-            .split_once("/topics/")
-            .is_some_and(|(_, id)| id.starts_with("goog"))
-    {
-        c.fail("spec.pubsub.topic", "topic id must not start with \"goog\"");
-    }
-    if let Some(host) = &spec.pubsub.emulator_host {
+    c.secret_ref("spec.database.urlSecretRef", w.url_secret_ref);
+    if let Some(host) = w.emulator_host {
         c.pattern(
             "spec.pubsub.emulatorHost",
             host,
@@ -595,22 +568,17 @@ pub fn validate(relay: &OutboxRelay) -> Result<(), InvalidSpec> {
             260,
         );
     }
-    if let Some(r) = &spec.pubsub.credentials_secret_ref {
+    if let Some(r) = w.credentials_secret_ref {
         c.secret_ref("spec.pubsub.credentialsSecretRef", r);
     }
-    if let Some(b) = spec.batch_size
-        && !(1..=10_000).contains(&b)
-    {
-        c.fail("spec.batchSize", "must be between 1 and 10000");
-    }
-    if let Some(image) = &spec.image {
+    if let Some(image) = w.image {
         if image.is_empty() {
             c.fail("spec.image", "must not be empty");
         } else {
             c.pattern("spec.image", image, &IMAGE, IMAGE_PATTERN, 512);
         }
     }
-    if let Some(le) = &spec.leader_election {
+    if let Some(le) = w.leader_election {
         if let Some(lease) = &le.lease_name {
             c.pattern(
                 "spec.leaderElection.leaseName",
@@ -640,13 +608,38 @@ pub fn validate(relay: &OutboxRelay) -> Result<(), InvalidSpec> {
             );
         }
     }
-    if let Some(t) = &spec.tracing {
-        validate_tracing(&mut c, t);
+    if parse_duration(w.stalled_after)
+        .filter(|d| w.stalled_after.len() <= 32 && !d.is_zero())
+        .is_none()
+    {
+        c.fail(
+            "spec.stalledAfter",
+            format!(
+                "{:?} must be a duration above zero matching {DURATION_PATTERN}",
+                w.stalled_after
+            ),
+        );
     }
-    if c.0.is_empty() {
-        Ok(())
-    } else {
-        Err(InvalidSpec(c.0))
+    if let Some(t) = w.tracing {
+        validate_tracing(c, t);
+    }
+}
+
+impl Checker {
+    /// An empty checker.
+    pub(crate) fn new() -> Checker {
+        Checker(Vec::new())
+    }
+    /// `Ok` when nothing failed, else every failure under `kind`.
+    pub(crate) fn finish(self, kind: &'static str) -> Result<(), InvalidSpec> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidSpec {
+                kind,
+                errors: self.0,
+            })
+        }
     }
 }
 
