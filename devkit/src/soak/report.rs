@@ -52,7 +52,7 @@ pub struct NotifyFigures {
     pub samples: usize,
     pub max_queue_usage: f64,
     /// Outside partitions of a relay from PostgreSQL (its listening session
-    /// cannot read then; see the README).
+    /// cannot read then; see docs/soak.md).
     pub max_queue_usage_outside_partitions: f64,
     pub listener_blocked_samples_outside_partitions: usize,
     pub final_queue_usage: Option<f64>,
