@@ -536,26 +536,27 @@ async fn reconcile_inner<W: Workload>(
         return Ok(("deleting", Action::await_change()));
     }
 
-    let desired_without_hash = resources::desired(relay, &ctx.settings, "");
-    match desired_without_hash {
-        Err(DesiredError::InvalidSpec(invalid)) => {
-            block(
-                ctx,
-                relay,
-                &namespace,
-                Blocker::InvalidSpec(invalid.to_string()),
-            )
-            .await?;
-            // Only a spec change can fix it; the watch triggers on that.
-            return Ok(("blocked", Action::await_change()));
-        }
-        Err(DesiredError::ImageNotAllowed(message)) => {
-            block(ctx, relay, &namespace, Blocker::ImageNotAllowed(message)).await?;
-            // A spec change, or the operator restarted with another allowlist.
-            return Ok(("blocked", Action::await_change()));
-        }
-        Err(e) => return Err(e.into()),
-        Ok(_) => {}
+    if let Err(invalid) = relay.validate() {
+        block(
+            ctx,
+            relay,
+            &namespace,
+            Blocker::InvalidSpec(invalid.to_string()),
+        )
+        .await?;
+        // Only a spec change can fix it; the watch triggers on that.
+        return Ok(("blocked", Action::await_change()));
+    }
+    if let Err(refused) = ctx.settings.image(relay.worker().image) {
+        block(
+            ctx,
+            relay,
+            &namespace,
+            Blocker::ImageNotAllowed(refused.to_string()),
+        )
+        .await?;
+        // A spec change, or the operator restarted with another allowlist.
+        return Ok(("blocked", Action::await_change()));
     }
 
     let hash = match secret_hash(&ctx.client, &namespace, &relay.worker()).await? {

@@ -367,14 +367,15 @@ fn default_retry_period() -> String {
 }
 
 /// Renders the CRD as YAML; what `outbox-operator crd` prints and `crds/` stores.
-/// `plural` picks one (`outboxrelays`, `inboxrelays`); `None` gives both as two documents.
+/// `plural` picks one (`outboxrelays`; anything else is `inboxrelays`, the only other
+/// name the CLI accepts); `None` gives both as two documents.
 pub fn crd_yaml(plural: Option<&str>) -> Result<String, serde_norway::Error> {
     let outbox = || serde_norway::to_string(&OutboxRelay::crd());
     let inbox = || serde_norway::to_string(&InboxRelay::crd());
     match plural {
+        None => Ok(format!("{}---\n{}", outbox()?, inbox()?)),
         Some("outboxrelays") => outbox(),
         Some(_) => inbox(),
-        None => Ok(format!("{}---\n{}", outbox()?, inbox()?)),
     }
 }
 
