@@ -61,7 +61,7 @@ soak: ## Chaos soak: 10 min at 1,000 transactions/s with faults, report in targe
 build: ## Release build of both binaries
 	$(CARGO) build --release -p worker -p operator
 
-# ---- Images, Helm chart, kind quickstart (charts/README.md). These targets need Docker,
+# ---- Images, Helm chart, kind quickstart (docs/kubernetes.md). These targets need Docker,
 # kind and helm on the machine; CI has no Docker and does not run them.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
 IMAGE_REGISTRY ?= ghcr.io/outbox-dev
