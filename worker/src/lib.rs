@@ -7,6 +7,7 @@
 //! - [`app`]: the library for applications: write to the outbox, process the inbox.
 //! - [`health`]: the HTTP probes (`/healthz`, `/readyz`) and `/metrics`.
 //! - [`metrics`]: the Prometheus metrics the workers export.
+//! - [`report`]: the status report a leader writes on its Kubernetes Lease.
 //! - [`db`]: connecting to PostgreSQL and the embedded migrations.
 //! - [`pubsub`]: connecting to Pub/Sub (or its emulator).
 //! - [`ident`]: validation of table, topic and subscription names.
@@ -23,5 +24,6 @@ pub mod metrics;
 pub mod probe;
 pub mod pubsub;
 pub mod relay;
+pub mod report;
 pub mod shutdown;
 pub mod trace;

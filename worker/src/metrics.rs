@@ -51,6 +51,12 @@ pub struct RelayMetrics {
     pub ready: Gauge,
     /// Times this replica gained or lost leadership.
     pub leader_transitions: Counter,
+    /// Ordering keys held paused until the failed claim drains (not
+    /// exported; read by the status report on the Lease).
+    pub paused_keys: Gauge,
+    /// Unix time (seconds) of the last commit that deleted published rows;
+    /// 0 before the first (not exported; read by the status report).
+    pub last_published: Gauge<f64, AtomicU64>,
 }
 
 impl RelayMetrics {
@@ -73,6 +79,8 @@ impl RelayMetrics {
             is_leader: Gauge::default(),
             ready: Gauge::default(),
             leader_transitions: Counter::default(),
+            paused_keys: Gauge::default(),
+            last_published: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("outbox");
         r.register(
@@ -186,6 +194,10 @@ pub struct InboxMetrics {
     pub pool_timeouts: Counter,
     /// Streaming-pull errors (the stream is reopened).
     pub stream_errors: Counter,
+    /// 1 while this replica leads, so pulls (always 1 without leader election).
+    pub is_leader: Gauge,
+    /// Times this replica gained or lost leadership.
+    pub leader_transitions: Counter,
 }
 
 impl InboxMetrics {
@@ -205,6 +217,8 @@ impl InboxMetrics {
             db_errors: Counter::default(),
             pool_timeouts: Counter::default(),
             stream_errors: Counter::default(),
+            is_leader: Gauge::default(),
+            leader_transitions: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("inbox");
         r.register(
@@ -272,6 +286,16 @@ impl InboxMetrics {
             "Streaming-pull errors; the stream is reopened",
             metrics.stream_errors.clone(),
         );
+        r.register(
+            "is_leader",
+            "1 while this replica is the one that pulls the subscription",
+            metrics.is_leader.clone(),
+        );
+        r.register(
+            "leader_transitions",
+            "Times this replica gained or lost leadership",
+            metrics.leader_transitions.clone(),
+        );
         metrics
     }
 }
@@ -330,6 +354,8 @@ mod tests {
             "inbox_parked_rows 0",
             "inbox_ready 0",
             "inbox_database_pool_timeouts_total 0",
+            "inbox_is_leader 0",
+            "inbox_leader_transitions_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

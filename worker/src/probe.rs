@@ -9,12 +9,18 @@
 //! figures are cheap by construction: the age of the oldest pending row
 //! reads one index entry, and the backlog is counted exactly only up to
 //! [`BACKLOG_EXACT_UP_TO`] rows.
+//!
+//! Besides the gauges, each round publishes what it read as [`Figures`]
+//! (`None` for a figure it could not read this round), which the leader's
+//! status report on its Lease is built from (`crate::report`).
 
+use chrono::{DateTime, Utc};
 use prometheus_client::metrics::gauge::Gauge;
 use sqlx::{AssertSqlSafe, PgPool};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -36,6 +42,25 @@ pub struct ProbeQueries {
     /// Rows given up on that wait for an operator (one `bigint`); the inbox
     /// has them (parked rows), the outbox does not (dead letters leave it).
     pub parked: Option<String>,
+    /// When the newest processed row was processed (one `timestamptz`, or
+    /// no row when none is); the inbox has it, the outbox does not.
+    pub last_processed: Option<String>,
+}
+
+/// What the last probe round read; `None` where it could not (the
+/// database did not answer, the figure took too long, or this worker has
+/// no such figure).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Pending rows.
+    pub backlog: Option<i64>,
+    /// Seconds since the oldest pending row was written (0 when none is).
+    pub oldest_age: Option<f64>,
+    /// Parked rows (inbox).
+    pub parked: Option<i64>,
+    /// The newest `processed_at` (inbox); `None` also when nothing was
+    /// processed yet.
+    pub last_processed: Option<DateTime<Utc>>,
 }
 
 /// `SELECT` of the rows of `table` (quoted) matching `filter`, counted up
@@ -69,6 +94,8 @@ pub struct Probe {
     pub oldest_age: Gauge<f64, AtomicU64>,
     /// Where the parked-row count goes, with [`ProbeQueries::parked`].
     pub parked: Option<Gauge>,
+    /// Where each round's figures go, all at once.
+    pub figures: watch::Sender<Figures>,
     /// The topic or subscription; `None` when no admin client could be built
     /// (readiness then follows the worker's own Pub/Sub calls).
     pub resource: Option<Arc<PubSubResource>>,
@@ -97,6 +124,14 @@ impl Probe {
     }
 
     async fn check_database(&self) {
+        let mut figures = Figures::default();
+        self.read_figures(&mut figures).await;
+        self.figures.send_replace(figures);
+    }
+
+    /// Reads the figures into `figures` and the gauges; stops at the first
+    /// query the database does not answer.
+    async fn read_figures(&self, figures: &mut Figures) {
         let backlog = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.queries.backlog.as_str()))
             .fetch_one(&self.pool);
         let Some(backlog) = self.answered(backlog, "backlog").await else {
@@ -105,17 +140,35 @@ impl Probe {
         if let Some(n) = backlog {
             self.backlog.set(n);
         }
+        figures.backlog = backlog;
         let age =
             sqlx::query_scalar::<_, Option<f64>>(AssertSqlSafe(self.queries.oldest_age.as_str()))
                 .fetch_optional(&self.pool);
-        if let Some(Some(age)) = self.answered(age, "oldest pending age").await {
-            self.oldest_age.set(age.flatten().unwrap_or(0.0).max(0.0));
+        let Some(age) = self.answered(age, "oldest pending age").await else {
+            return;
+        };
+        if let Some(age) = age {
+            let seconds = age.flatten().unwrap_or(0.0).max(0.0);
+            self.oldest_age.set(seconds);
+            figures.oldest_age = Some(seconds);
         }
         if let (Some(sql), Some(gauge)) = (&self.queries.parked, &self.parked) {
             let parked =
                 sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.as_str())).fetch_one(&self.pool);
-            if let Some(Some(n)) = self.answered(parked, "parked rows").await {
+            let Some(parked) = self.answered(parked, "parked rows").await else {
+                return;
+            };
+            if let Some(n) = parked {
                 gauge.set(n);
+            }
+            figures.parked = parked;
+        }
+        if let Some(sql) = &self.queries.last_processed {
+            let newest =
+                sqlx::query_scalar::<_, Option<DateTime<Utc>>>(AssertSqlSafe(sql.as_str()))
+                    .fetch_optional(&self.pool);
+            if let Some(Some(newest)) = self.answered(newest, "last processed").await {
+                figures.last_processed = newest.flatten();
             }
         }
     }

@@ -7,15 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::leader::{LeaderArgs, Role};
 use super::{DatabaseArgs, Sidecars, duration};
 use outbox_worker::health::Health;
 use outbox_worker::ident::{SubscriptionName, TableName};
 use outbox_worker::inbox::store::InboxStore;
 use outbox_worker::inbox::{FlowControl, Inbox, InboxConfig, source};
 use outbox_worker::metrics::InboxMetrics;
-use outbox_worker::probe::{Probe, probe_pool};
+use outbox_worker::probe::{Figures, Probe, probe_pool};
 use outbox_worker::pubsub::{self, PubSubResource};
-use outbox_worker::{db, shutdown};
+use outbox_worker::{db, report, shutdown};
 
 #[derive(Args)]
 pub struct InboxArgs {
@@ -70,10 +71,14 @@ pub struct InboxArgs {
     /// Apply the migrations before starting.
     #[arg(long, env = "MIGRATE", default_value_t = false)]
     migrate: bool,
+    /// Only the leader pulls; standbys take over when it stops or fails.
+    #[command(flatten)]
+    election: LeaderArgs,
 }
 
 /// Runs the inbox worker until SIGTERM.
 pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
+    args.election.check()?;
     let stop = shutdown::on_signal();
     let options = db::connect_options(&args.database.database_url)?;
     tracing::info!(database = %db::describe(&options), "connecting lazily");
@@ -102,6 +107,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
     let metrics = InboxMetrics::register(&mut registry);
     let health = Health::new(args.liveness_timeout);
     let store = InboxStore::new(args.table.clone())?;
+    let (figures, figures_rx) = tokio::sync::watch::channel(Figures::default());
     let sidecars = Sidecars::start(
         args.health_addr,
         &health,
@@ -112,6 +118,7 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
             backlog: metrics.backlog.clone(),
             oldest_age: metrics.oldest_unprocessed_age.clone(),
             parked: Some(metrics.parked.clone()),
+            figures,
             ready: metrics.ready.clone(),
             resource,
             health: health.clone(),
@@ -134,8 +141,34 @@ pub async fn run(args: InboxArgs) -> anyhow::Result<()> {
         retry_min: args.retry_min,
         retry_max: args.retry_max,
     };
-    let worker = Inbox::new(config, pool.clone(), store, client, metrics, health);
-    worker.run(stop.clone()).await;
+    let election = args
+        .election
+        .start(
+            Role::Inbox,
+            &options,
+            &args.table,
+            report::inbox_source(metrics.clone(), figures_rx),
+        )
+        .await?;
+    let gauges = (&metrics.is_leader, &metrics.leader_transitions);
+    let worker = Inbox::new(
+        config,
+        pool.clone(),
+        store,
+        client,
+        metrics.clone(),
+        health.clone(),
+    );
+    election
+        .lead((&health, &stop), gauges, "pulling", async |lost, _fence| {
+            // No fence to check: a message stored by two replicas is
+            // absorbed by the unique key. The term ends after the last
+            // acknowledgements were sent, so the next leader is not
+            // handed what this one stored.
+            worker.run_term(&stop, lost).await;
+            false
+        })
+        .await;
     stop.cancel();
     sidecars.stop().await;
     pool.close().await;

@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 mod inbox;
+mod leader;
 mod migrate;
 mod relay;
 

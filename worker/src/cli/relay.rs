@@ -7,20 +7,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::leader::{LeaderArgs, Role};
 use super::{DatabaseArgs, Sidecars, duration};
 use outbox_worker::health::Health;
 use outbox_worker::ident::{TableName, TopicName};
-use outbox_worker::leader::{
-    self, Backend, Leadership, Timings, kubernetes::LeaseElector, postgres::PgElector,
-};
 use outbox_worker::metrics::RelayMetrics;
-use outbox_worker::probe::{Probe, probe_pool};
+use outbox_worker::probe::{Figures, Probe, probe_pool};
 use outbox_worker::pubsub::{self, Batching, PubSubResource, Publishers};
 use outbox_worker::relay;
 use outbox_worker::relay::store::OutboxStore;
 use outbox_worker::relay::{Relay, RelayConfig, TermEnd};
-use outbox_worker::{db, shutdown};
-use tokio_util::sync::CancellationToken;
+use outbox_worker::{db, report, shutdown};
 
 #[derive(Args)]
 pub struct RelayArgs {
@@ -78,102 +75,12 @@ pub struct RelayArgs {
     #[arg(long, env = "MIGRATE", default_value_t = false)]
     migrate: bool,
     #[command(flatten)]
-    election: ElectionArgs,
-}
-
-/// Leader election flags (see `outbox_worker::leader`).
-#[derive(Args)]
-pub struct ElectionArgs {
-    /// Which lock decides the leader: kubernetes (a Lease), postgres (an
-    /// advisory lock) or none. Default: kubernetes inside a pod, else postgres.
-    #[arg(long, env = "LEADER_ELECTION", value_enum)]
-    leader_election: Option<Backend>,
-    /// Name of the Lease (kubernetes backend). Default: outbox-relay-<table>.
-    #[arg(long, env = "LEASE_NAME")]
-    lease_name: Option<String>,
-    /// Namespace of the Lease. Default: the pod's namespace.
-    #[arg(long, env = "POD_NAMESPACE")]
-    lease_namespace: Option<String>,
-    /// This replica's identity. Default: the host (pod) name.
-    #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
-    /// How long a leader's lock stays valid without renewal.
-    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = duration)]
-    lease_duration: Duration,
-    /// How long a leader keeps leading without a confirmed renewal.
-    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = duration)]
-    renew_deadline: Duration,
-    /// Time between renewals and between acquisition attempts.
-    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = duration)]
-    retry_period: Duration,
-}
-
-impl ElectionArgs {
-    fn identity(&self) -> String {
-        self.identity.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| format!("outbox-worker-{}", std::process::id()))
-        })
-    }
-
-    /// Starts the elector; the sender keeps a `none` election alive.
-    async fn start(
-        &self,
-        options: &sqlx::postgres::PgConnectOptions,
-        table: &TableName,
-        release: CancellationToken,
-    ) -> anyhow::Result<(
-        Leadership,
-        Option<tokio::task::JoinHandle<()>>,
-        Option<tokio::sync::watch::Sender<Option<leader::Fence>>>,
-    )> {
-        let timings = Timings {
-            lease_duration: self.lease_duration,
-            renew_deadline: self.renew_deadline,
-            retry_period: self.retry_period,
-        };
-        timings.validate()?;
-        let identity = self.identity();
-        let backend = self.leader_election.unwrap_or_else(Backend::detect);
-        tracing::info!(?backend, %identity, "leader election");
-        Ok(match backend {
-            Backend::None => {
-                let (tx, rx) = leader::always_leader();
-                (rx, None, Some(tx))
-            }
-            Backend::Postgres => {
-                let (rx, task) = PgElector::new(options.clone(), table.clone(), timings, identity)
-                    .spawn(release);
-                (rx, Some(task), None)
-            }
-            Backend::Kubernetes => {
-                let client = kube::Client::try_default().await.context(
-                    "--leader-election kubernetes needs in-cluster credentials or a kubeconfig",
-                )?;
-                let namespace = self
-                    .lease_namespace
-                    .clone()
-                    .unwrap_or_else(|| client.default_namespace().to_owned());
-                let name = self.lease_name.clone().unwrap_or_else(|| {
-                    format!(
-                        "outbox-relay-{}",
-                        table.name().replace('_', "-").to_lowercase()
-                    )
-                });
-                tracing::info!(lease = %name, %namespace, "using a Kubernetes Lease");
-                let api = kube::Api::namespaced(client, &namespace);
-                let (rx, task) = LeaseElector::new(api, name, identity, timings).spawn(release);
-                (rx, Some(task), None)
-            }
-        })
-    }
+    election: LeaderArgs,
 }
 
 /// Runs the relay until SIGTERM.
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
+    args.election.check()?;
     let config = RelayConfig {
         topic: args.topic.clone(),
         batch_size: args.batch_size,
@@ -226,6 +133,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let metrics = RelayMetrics::register(&mut registry);
     let health = Health::new(args.liveness_timeout);
     let store = OutboxStore::new(args.table.clone())?;
+    let (figures, figures_rx) = tokio::sync::watch::channel(Figures::default());
     let sidecars = Sidecars::start(
         args.health_addr,
         &health,
@@ -236,6 +144,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             backlog: metrics.backlog.clone(),
             oldest_age: metrics.oldest_pending_age.clone(),
             parked: None,
+            figures,
             ready: metrics.ready.clone(),
             resource,
             health: health.clone(),
@@ -253,64 +162,25 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         metrics.clone(),
         health.clone(),
     );
-    let release = CancellationToken::new();
-    let (mut leadership, elector, _keep) = args
+    let election = args
         .election
-        .start(&options, &args.table, release.clone())
+        .start(
+            Role::Relay,
+            &options,
+            &args.table,
+            report::relay_source(metrics.clone(), figures_rx),
+        )
         .await?;
-    lead_while_elected(&mut relay, &mut leadership, &metrics, &health, &stop).await;
-    // Release only after the in-flight batches were finished, so the next
-    // leader starts after our last commit.
-    release.cancel();
-    if let Some(elector) = elector {
-        let _ = elector.await;
-    }
+    let gauges = (&metrics.is_leader, &metrics.leader_transitions);
+    election
+        .lead((&health, &stop), gauges, "relaying", async |lost, fence| {
+            // A claim that found the lock gone before the elector did asks
+            // to wait for the elector to notice.
+            relay.run(&stop, lost, fence).await == TermEnd::NotLeader
+        })
+        .await;
     stop.cancel();
     sidecars.stop().await;
     pool.close().await;
     Ok(())
-}
-
-/// Relays during each term of leadership, stands by in between.
-async fn lead_while_elected(
-    relay: &mut Relay,
-    leadership: &mut Leadership,
-    metrics: &RelayMetrics,
-    health: &Health,
-    stop: &CancellationToken,
-) {
-    loop {
-        tracing::info!("standing by until elected");
-        // A standby is alive too: keep /healthz green while waiting.
-        let fence = loop {
-            health.heartbeat();
-            let wait = leader::wait_until_leading(leadership, stop);
-            match tokio::time::timeout(Duration::from_secs(1), wait).await {
-                Ok(Some(fence)) => break fence,
-                Ok(None) => return,
-                Err(_) => continue,
-            }
-        };
-        metrics.is_leader.set(1);
-        metrics.leader_transitions.inc();
-        tracing::info!("leading: relaying");
-        let lost = leader::lost_token(leadership.clone());
-        let end = relay.run(stop, &lost, &fence).await;
-        metrics.is_leader.set(0);
-        metrics.leader_transitions.inc();
-        if end == TermEnd::NotLeader {
-            // A claim found the lock gone before the elector did: wait for
-            // the elector to notice, so this term is not started again.
-            let noticed = leadership.wait_for(Option::is_none);
-            tokio::select! {
-                _ = noticed => {},
-                _ = stop.cancelled() => {},
-            }
-        }
-        lost.cancel();
-        if stop.is_cancelled() {
-            return;
-        }
-        tracing::warn!("no longer leading: standing by");
-    }
 }

@@ -13,6 +13,12 @@
 //!    (Pub/Sub redelivers); a crash after it but before the acknowledgement
 //!    reaches Pub/Sub gives a redelivery that the unique key absorbs.
 //!
+//! Leadership: with leader election, only the leader pulls ([`Inbox::run_term`]).
+//! When it loses leadership it closes its streaming pulls at once and drops
+//! what it received but did not store yet: those messages are not
+//! acknowledged, so Pub/Sub redelivers them to the next leader; a message
+//! both replicas store is absorbed by the unique key.
+//!
 //! Order: batches are stored one at a time, in the order received, and the
 //! identity column follows the insert order; so with an ordered subscription
 //! each key's rows have increasing ids, and the application library
@@ -117,10 +123,37 @@ impl Inbox {
 
     /// Runs until `stop` is cancelled, then stores and acknowledges what was
     /// already received (within the shutdown timeout). Outages and a missing
-    /// table are retried until then (and reported on readiness).
+    /// table are retried until then (and reported on readiness). For a
+    /// worker that does not take part in leader election.
     pub async fn run(self, stop: CancellationToken) {
-        self.wait_for_tables(&stop).await;
-        if stop.is_cancelled() {
+        self.run_term(&stop, &CancellationToken::new()).await;
+    }
+
+    /// One term of leadership: pulls and stores until `stop` (then stores
+    /// and acknowledges what was already received, within the shutdown
+    /// timeout) or until `lost` (then stops pulling at once and drops what
+    /// was received but not stored: unacknowledged, it is redelivered to
+    /// the next leader).
+    pub async fn run_term(&self, stop: &CancellationToken, lost: &CancellationToken) {
+        // Cancelled by either; ends the pulls and the store loop.
+        let ending = CancellationToken::new();
+        let forward = {
+            let (ending, stop, lost) = (ending.clone(), stop.clone(), lost.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {},
+                    _ = lost.cancelled() => {},
+                }
+                ending.cancel();
+            })
+        };
+        self.term(&ending, lost).await;
+        forward.abort();
+    }
+
+    async fn term(&self, ending: &CancellationToken, lost: &CancellationToken) {
+        self.wait_for_tables(ending).await;
+        if ending.is_cancelled() {
             return;
         }
         info!(
@@ -146,7 +179,7 @@ impl Inbox {
                 retry_min: self.config.retry_min,
                 retry_max: self.config.retry_max,
             };
-            pullers.push(tokio::spawn(puller.run(index, tx.clone(), stop.clone())));
+            pullers.push(tokio::spawn(puller.run(index, tx.clone(), ending.clone())));
         }
         drop(tx);
 
@@ -158,7 +191,7 @@ impl Inbox {
             let n = tokio::select! {
                 n = rx.recv_many(&mut batch, self.config.batch_size.max(1)) => n,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                _ = stop.cancelled() => 0,
+                _ = ending.cancelled() => 0,
             };
             if n == 0 {
                 break;
@@ -172,20 +205,34 @@ impl Inbox {
                     _ => break,
                 }
             }
-            self.store_batch(std::mem::take(&mut batch), &stop, None)
+            self.store_batch(std::mem::take(&mut batch), ending, None)
                 .await;
         }
 
-        // Shutdown: store what was already received, within the timeout.
         rx.close();
         let deadline = Instant::now() + self.config.shutdown_timeout;
         let mut rest = Vec::new();
-        while rx.recv_many(&mut rest, self.config.batch_size.max(1)).await > 0 {
-            if Instant::now() < deadline {
-                self.store_batch(std::mem::take(&mut rest), &stop, Some(deadline))
-                    .await;
-            } else {
-                rest.clear(); // dropped handlers are nacked: redelivered later
+        if lost.is_cancelled() {
+            // No longer the leader: store nothing more. Dropped handlers are
+            // nacked, so Pub/Sub redelivers at once, to the next leader.
+            let mut dropped = 0;
+            while rx.recv_many(&mut rest, self.config.batch_size.max(1)).await > 0 {
+                dropped += rest.len();
+                rest.clear();
+            }
+            warn!(
+                dropped,
+                "leadership lost: stopped pulling; what was received but not stored will be redelivered"
+            );
+        } else {
+            // Shutdown: store what was already received, within the timeout.
+            while rx.recv_many(&mut rest, self.config.batch_size.max(1)).await > 0 {
+                if Instant::now() < deadline {
+                    self.store_batch(std::mem::take(&mut rest), ending, Some(deadline))
+                        .await;
+                } else {
+                    rest.clear(); // dropped handlers are nacked: redelivered later
+                }
             }
         }
         drop(rx);

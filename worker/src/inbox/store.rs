@@ -25,6 +25,7 @@ pub struct InboxStore {
     backlog: String,
     oldest_age: String,
     parked: String,
+    last_processed: String,
 }
 
 /// Errors that name the table involved.
@@ -61,6 +62,12 @@ impl InboxStore {
             oldest_age: format!(
                 "SELECT EXTRACT(EPOCH FROM clock_timestamp() - received_at)::float8 FROM {t} \
                  WHERE processed_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1"
+            ),
+            // Reads one entry of inbox_processed_at_idx (newest first); on a
+            // table without that index, the probe's statement timeout bounds it.
+            last_processed: format!(
+                "SELECT processed_at FROM {t} WHERE processed_at IS NOT NULL \
+                 ORDER BY processed_at DESC LIMIT 1"
             ),
             table,
             dead_letter,
@@ -161,13 +168,14 @@ impl InboxStore {
         Ok(())
     }
 
-    /// What the probe measures: unprocessed rows (exact up to a cap) and
-    /// the age of the oldest one.
+    /// What the probe measures: unprocessed rows (exact up to a cap), the
+    /// age of the oldest one, parked rows, and when a row was last processed.
     pub fn probe_queries(&self) -> crate::probe::ProbeQueries {
         crate::probe::ProbeQueries {
             backlog: self.backlog.clone(),
             oldest_age: self.oldest_age.clone(),
             parked: Some(self.parked.clone()),
+            last_processed: Some(self.last_processed.clone()),
         }
     }
 }

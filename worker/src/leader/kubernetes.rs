@@ -18,11 +18,17 @@
 //!   stretch it past the lease; the relay checks it at every claim
 //!   ([`Fence::Lease`]).
 //! - On release the holder is cleared, so a standby acquires at its next retry.
+//! - Every write starts from the Lease as read, so labels, annotations and
+//!   owner references written by others survive. Optionally the holder
+//!   makes sure the Lease names an owner (so it is garbage-collected with
+//!   it) and writes a status report as annotations in the same write
+//!   ([`Report`]; what the report says is the caller's business).
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -31,12 +37,39 @@ use tracing::{debug, info, warn};
 
 use super::{Fence, Leadership, LeaseValidity, Timings};
 
+/// Annotations the holder writes on the Lease with every acquisition and
+/// renewal.
+#[derive(Clone)]
+pub struct Report {
+    /// Every key a report may hold. A key missing from this write's report
+    /// (a figure not known at the moment) is removed from the Lease, so a
+    /// stale value does not linger; annotations under other keys are left
+    /// alone.
+    pub keys: Vec<String>,
+    /// Builds the annotations; called once per write.
+    pub source: Arc<dyn Fn() -> BTreeMap<String, String> + Send + Sync>,
+}
+
+impl Report {
+    /// Puts this report into `annotations`, leaving foreign keys alone.
+    fn apply(&self, annotations: &mut BTreeMap<String, String>) {
+        let mut report = (self.source)();
+        report.retain(|key, _| self.keys.contains(key));
+        annotations.retain(|key, _| !self.keys.contains(key));
+        annotations.extend(report);
+    }
+}
+
 /// Elects a leader through one Lease.
 pub struct LeaseElector {
     api: Api<Lease>,
     name: String,
     identity: String,
     timings: Timings,
+    /// Added to the Lease's owner references when missing.
+    owner: Option<OwnerReference>,
+    /// Written with every acquisition and renewal.
+    report: Option<Report>,
     /// The last Lease record seen, and when it was first seen by us.
     observed: Option<(Record, Instant)>,
 }
@@ -55,6 +88,12 @@ pub enum Attempt {
     Holding,
     /// Someone else holds an unexpired Lease, or won the race.
     HeldByOther(String),
+    /// Our renewal met a write in between (409): perhaps someone else's
+    /// label or annotation. Not a loss by itself: nobody can take over
+    /// before our renew deadline has passed, so the leader keeps leading
+    /// and tries again at the next retry, and steps down only at the renew
+    /// deadline or on seeing another holder.
+    Conflict,
 }
 
 impl LeaseElector {
@@ -65,7 +104,43 @@ impl LeaseElector {
             name,
             identity,
             timings,
+            owner: None,
+            report: None,
             observed: None,
+        }
+    }
+
+    /// The holder makes sure the Lease names `owner` among its owner
+    /// references (set on create, added on a later write if missing), so
+    /// the Lease is garbage-collected with its owner. Not a controller
+    /// reference and without `blockOwnerDeletion`: the Lease is only a
+    /// dependent, and the holder needs no permission on the owner.
+    pub fn with_owner(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner.map(|mut owner| {
+            owner.controller = Some(false);
+            owner.block_owner_deletion = None;
+            owner
+        });
+        self
+    }
+
+    /// The holder writes `report` into the Lease's annotations with every
+    /// acquisition and renewal, in the same write.
+    pub fn with_report(mut self, report: Report) -> Self {
+        self.report = Some(report);
+        self
+    }
+
+    /// Our additions to the Lease's metadata, on top of what was read.
+    fn stamp(&self, metadata: &mut ObjectMeta) {
+        if let Some(owner) = &self.owner {
+            let references = metadata.owner_references.get_or_insert_with(Vec::new);
+            if !references.iter().any(|r| r.uid == owner.uid) {
+                references.push(owner.clone());
+            }
+        }
+        if let Some(report) = &self.report {
+            report.apply(metadata.annotations.get_or_insert_with(BTreeMap::new));
         }
     }
 
@@ -101,6 +176,9 @@ impl LeaseElector {
                         term = Some(validity);
                     }
                 },
+                Ok(Attempt::Conflict) => {
+                    debug!(identity = %self.identity, "the Lease changed while renewing it; retrying")
+                }
                 Ok(Attempt::HeldByOther(holder)) => {
                     if term.take().is_some() {
                         warn!(identity = %self.identity, %holder, "lost leadership: the Lease was taken over");
@@ -154,11 +232,13 @@ impl LeaseElector {
     pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, kube::Error> {
         let duration_seconds = self.timings.lease_duration.as_secs().max(1) as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let mut metadata = ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            };
+            self.stamp(&mut metadata);
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..Default::default()
-                },
+                metadata,
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
                     lease_duration_seconds: Some(duration_seconds),
@@ -200,6 +280,7 @@ impl LeaseElector {
         spec.lease_duration_seconds = Some(duration_seconds);
         spec.renew_time = Some(Self::now());
         lease.spec = Some(spec);
+        self.stamp(&mut lease.metadata);
         // `lease.metadata.resource_version` is the one we read: a concurrent
         // writer makes this a 409.
         match self
@@ -211,6 +292,7 @@ impl LeaseElector {
                 self.observed = Some((Self::record(&updated), Instant::now()));
                 Ok(Attempt::Holding)
             }
+            Err(kube::Error::Api(e)) if e.code == 409 && ours => Ok(Attempt::Conflict),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::HeldByOther(String::new())),
             Err(e) => Err(e),
         }

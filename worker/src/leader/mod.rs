@@ -1,4 +1,5 @@
-//! Leader election: exactly one replica of a relay publishes at a time.
+//! Leader election: exactly one replica of a relay publishes at a time, and
+//! one replica of an inbox worker pulls.
 //!
 //! Every backend follows the same contract, modelled on client-go's leader
 //! election:
@@ -38,7 +39,9 @@ pub enum Backend {
     Kubernetes,
     /// A PostgreSQL advisory lock (the default elsewhere; no extra permissions).
     Postgres,
-    /// No election: a single instance, for development.
+    /// No election: every replica works at once. A relay must then run as
+    /// a single instance; inbox workers all pull, which is only safe for an
+    /// unordered subscription.
     None,
 }
 

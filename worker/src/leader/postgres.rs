@@ -1,9 +1,11 @@
 //! Leader election on a PostgreSQL advisory lock.
 //!
 //! The lock is session-level and held on a dedicated connection: if the
-//! connection dies, so does leadership. The key is derived from the outbox
-//! table's OID, so relays of different tables never contend, and no extra
-//! permission is needed.
+//! connection dies, so does leadership. The key is derived from the table's
+//! OID (the outbox table for a relay, the inbox table for an inbox worker)
+//! and a high half per kind of worker ([`LockSpace`]), so relays of
+//! different tables never contend, a relay and an inbox worker on one
+//! database never share a lock, and no extra permission is needed.
 //!
 //! Timings map onto PostgreSQL like this:
 //! - **retry period**: the leader confirms its session with a round trip.
@@ -27,30 +29,50 @@ use tracing::{debug, info, warn};
 use super::{Fence, Leadership, Timings};
 use crate::ident::TableName;
 
-/// High half of the advisory lock key ("obr" for OutboxRelay); the low half is
-/// the table's OID.
-const KEY_SPACE: i64 = 0x6f_62_72;
+/// Which workers contend for the lock: the high half of the advisory lock
+/// key (the low half is the table's OID). The relay's claim gate uses "obc"
+/// (`relay::store`), so the three never meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockSpace {
+    /// The relays of one outbox table ("obr" for OutboxRelay).
+    Relay,
+    /// The inbox workers of one inbox table ("obi" for OutBox Inbox).
+    Inbox,
+}
 
-/// Elects a leader among the relays of one outbox table.
+impl LockSpace {
+    fn high_half(self) -> i64 {
+        match self {
+            LockSpace::Relay => 0x6f_62_72,
+            LockSpace::Inbox => 0x6f_62_69,
+        }
+    }
+}
+
+/// Elects a leader among the workers of one table.
 pub struct PgElector {
     options: PgConnectOptions,
     table: TableName,
+    space: LockSpace,
     timings: Timings,
     identity: String,
 }
 
 impl PgElector {
-    /// `options` are the relay's connection options; a separate connection is
-    /// opened for the lock.
+    /// `options` are the worker's connection options; a separate connection
+    /// is opened for the lock. `table` is the outbox table (`space` Relay)
+    /// or the inbox table (`space` Inbox).
     pub fn new(
         options: PgConnectOptions,
         table: TableName,
+        space: LockSpace,
         timings: Timings,
         identity: String,
     ) -> Self {
         PgElector {
             options,
             table,
+            space,
             timings,
             identity,
         }
@@ -119,7 +141,7 @@ impl PgElector {
             .bind(self.table.quoted())
             .fetch_one(&mut conn)
             .await?;
-        let key = (KEY_SPACE << 32) | oid;
+        let key = (self.space.high_half() << 32) | oid;
         // Bounded on the server by lock_timeout and here by a little more, in
         // case the connection itself went silent.
         let wait = self.timings.lease_duration + self.timings.retry_period;

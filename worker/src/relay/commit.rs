@@ -188,6 +188,12 @@ impl Committer {
         }
         if !outcome.published.is_empty() {
             self.health.ok(Component::PubSub);
+            // Progress, for the status report on the Lease: the deletes of
+            // published rows were just committed.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.metrics.last_published.set(now);
         }
         debug!(
             published = outcome.published.len(),

@@ -261,6 +261,8 @@ impl Relay {
             while let Ok(report) = finished.try_recv() {
                 self.absorb(report, &mut pipeline);
             }
+            // For the status report on the Lease.
+            self.metrics.paused_keys.set(pipeline.paused_keys() as i64);
             if (either.is_cancelled() || lost.is_cancelled()) && shutdown_deadline.is_none() {
                 pipeline.stop();
                 shutdown_deadline = Some(Instant::now() + self.config.shutdown_timeout);

@@ -97,6 +97,11 @@ impl Pipeline {
         self.in_flight
     }
 
+    /// Ordering keys waiting to be resumed once the failed claim drains.
+    pub fn paused_keys(&self) -> usize {
+        self.draining.as_ref().map_or(0, |d| d.keys.len())
+    }
+
     /// The next step.
     pub fn next(&mut self, now: Instant) -> Next {
         if self.in_flight == 0

@@ -247,6 +247,7 @@ impl OutboxStore {
             backlog: self.backlog.clone(),
             oldest_age: self.oldest_age.clone(),
             parked: None,
+            last_processed: None,
         }
     }
 }

@@ -2,13 +2,19 @@
 //! runs on the test machines). The stand-in keeps Lease objects, bumps
 //! `resourceVersion` on every write and answers 409 Conflict to a write that
 //! carries a stale one, like the real API server; each client can be cut off.
+//! Also the metadata the holder writes: its status report, the owner
+//! reference, and everyone else's labels, annotations and owners left alone.
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
 use outbox_worker::leader::kubernetes::LeaseElector;
 use outbox_worker::leader::{Leadership, Timings};
+use outbox_worker::metrics::RelayMetrics;
+use outbox_worker::probe::Figures;
+use outbox_worker::report;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -154,6 +160,49 @@ impl FakeApiServer {
             .cloned()
     }
 
+    /// Writes `edit` into the stored Lease as another client would (a new
+    /// resourceVersion).
+    fn edit(&self, edit: impl FnOnce(&mut Value)) {
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        store.version += 1;
+        let version = store.version.to_string();
+        let lease = store.leases.entry(NAME.to_owned()).or_insert_with(|| {
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                   "metadata": {"name": NAME, "namespace": NS}, "spec": {}})
+        });
+        edit(lease);
+        lease["metadata"]["resourceVersion"] = json!(version);
+    }
+
+    /// Waits (5 s at most) until the stored Lease satisfies `check`.
+    async fn wait_lease(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(lease) = self.lease().filter(|l| check(l)) {
+                return lease;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the Lease: {:?}",
+                self.lease()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the holder wrote the Lease `n` more times.
+    async fn wait_writes(&self, n: u64) -> Value {
+        let version = |l: &Value| {
+            l["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let from = self.lease().map_or(0, |l| version(&l));
+        self.wait_lease(&format!("{n} more writes"), |l| version(l) >= from + n)
+            .await
+    }
+
     fn holder(&self) -> String {
         self.lease()
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
@@ -178,11 +227,25 @@ struct Candidate {
 }
 
 fn candidate(api: &FakeApiServer, identity: &str) -> Candidate {
+    candidate_with(api, identity, |elector| elector)
+}
+
+/// A candidate whose elector `configure` adds to (an owner, a report).
+fn candidate_with(
+    api: &FakeApiServer,
+    identity: &str,
+    configure: impl FnOnce(LeaseElector) -> LeaseElector,
+) -> Candidate {
     let cut = Arc::new(AtomicBool::new(false));
     let delay_ms = Arc::new(AtomicU64::new(0));
     let leases: Api<Lease> = Api::namespaced(api.client(cut.clone(), delay_ms.clone()), NS);
     let release = CancellationToken::new();
-    let elector = LeaseElector::new(leases, NAME.to_owned(), identity.to_owned(), timings());
+    let elector = configure(LeaseElector::new(
+        leases,
+        NAME.to_owned(),
+        identity.to_owned(),
+        timings(),
+    ));
     let (leadership, task) = elector.spawn(release.clone());
     Candidate {
         leadership,
@@ -366,5 +429,176 @@ async fn a_slow_api_server_does_not_stretch_the_renew_deadline() {
         a_down < b_up,
         "two leaders for {:?}: A stepped down after B took over",
         a_down - b_up
+    );
+}
+
+fn annotation<'a>(lease: &'a Value, key: &str) -> Option<&'a str> {
+    lease["metadata"]["annotations"][key].as_str()
+}
+
+/// The relay's real report (`outbox_worker::report`): every renewal carries
+/// the figures of that moment, and a figure that became unknown is removed.
+#[tokio::test]
+async fn the_holder_writes_its_status_report_with_every_renewal() {
+    let api = FakeApiServer::default();
+    let metrics = RelayMetrics::register(&mut prometheus_client::registry::Registry::default());
+    let (figures, figures_rx) = tokio::sync::watch::channel(Figures::default());
+    let source = report::relay_source(metrics.clone(), figures_rx);
+    let a = candidate_with(&api, "pod-a", |e| e.with_report(source));
+    until("a leads", a.leadership.clone(), true).await;
+    let lease = api.lease().expect("lease created");
+    assert_eq!(annotation(&lease, report::MESSAGES_TOTAL), Some("0"));
+    assert_eq!(annotation(&lease, report::DEAD_LETTERS_TOTAL), Some("0"));
+    assert_eq!(annotation(&lease, report::PAUSED_KEYS), Some("0"));
+    assert_eq!(
+        annotation(&lease, report::BACKLOG),
+        None,
+        "no backlog before the probe has read one"
+    );
+    assert_eq!(annotation(&lease, report::LAST_PROGRESS_TIME), None);
+    let first_time = annotation(&lease, report::REPORT_TIME)
+        .expect("report time")
+        .to_owned();
+    first_time
+        .parse::<chrono::DateTime<chrono::Utc>>()
+        .expect("RFC 3339");
+
+    metrics.published.inc_by(42);
+    metrics.dead_lettered.inc();
+    metrics.paused_keys.set(3);
+    metrics.last_published.set(1_700_000_000.5);
+    figures.send_replace(Figures {
+        backlog: Some(17),
+        oldest_age: Some(2.5),
+        ..Figures::default()
+    });
+    let lease = api
+        .wait_lease("the new figures", |l| {
+            annotation(l, report::MESSAGES_TOTAL) == Some("42")
+        })
+        .await;
+    assert_eq!(annotation(&lease, report::BACKLOG), Some("17"));
+    assert_eq!(
+        annotation(&lease, report::OLDEST_PENDING_AGE_SECONDS),
+        Some("2.5")
+    );
+    assert_eq!(annotation(&lease, report::DEAD_LETTERS_TOTAL), Some("1"));
+    assert_eq!(annotation(&lease, report::PAUSED_KEYS), Some("3"));
+    assert_eq!(
+        annotation(&lease, report::LAST_PROGRESS_TIME),
+        Some("2023-11-14T22:13:20.500Z")
+    );
+    assert_ne!(
+        annotation(&lease, report::REPORT_TIME),
+        Some(first_time.as_str())
+    );
+    assert_eq!(lease["spec"]["holderIdentity"], "pod-a");
+
+    // The probe could not read the figures: they leave the Lease.
+    figures.send_replace(Figures::default());
+    let lease = api
+        .wait_lease("the unknown figures removed", |l| {
+            annotation(l, report::BACKLOG).is_none()
+        })
+        .await;
+    assert_eq!(annotation(&lease, report::OLDEST_PENDING_AGE_SECONDS), None);
+    assert_eq!(annotation(&lease, report::MESSAGES_TOTAL), Some("42"));
+}
+
+fn owner(uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "outbox.dev/v1alpha1".to_owned(),
+        kind: "OutboxRelay".to_owned(),
+        name: "orders".to_owned(),
+        uid: uid.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_created_lease_names_its_owner() {
+    let api = FakeApiServer::default();
+    let a = candidate_with(&api, "pod-a", |e| e.with_owner(Some(owner("uid-1"))));
+    until("a leads", a.leadership.clone(), true).await;
+    let lease = api.lease().expect("lease created");
+    assert_eq!(
+        lease["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
+                "name": "orders", "uid": "uid-1", "controller": false}]),
+        "one owner reference, not a controller, without blockOwnerDeletion"
+    );
+    // Renewals keep exactly one.
+    let lease = api.wait_writes(2).await;
+    assert_eq!(
+        lease["metadata"]["ownerReferences"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
+
+/// A Lease written before owners were set (or by someone else) gets the
+/// owner reference at the holder's next renewal; labels, annotations and
+/// owner references of others survive every write, also those added while
+/// the holder renews.
+#[tokio::test]
+async fn renewals_add_the_owner_and_keep_everyone_elses_metadata() {
+    let api = FakeApiServer::default();
+    let foreign_owner = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                               "name": "orders-relay", "uid": "uid-deployment"});
+    api.edit(|lease| {
+        lease["metadata"]["labels"] = json!({"app.kubernetes.io/name": "orders"});
+        lease["metadata"]["annotations"] = json!({"example.com/note": "keep me"});
+        lease["metadata"]["ownerReferences"] = json!([foreign_owner.clone()]);
+        // Held by pod-a, renewed just now: pod-a's first write is a renewal.
+        lease["spec"] = json!({"holderIdentity": "pod-a", "leaseDurationSeconds": 1,
+                               "renewTime": "2026-12-02T10:00:00.000000Z",
+                               "leaseTransitions": 4});
+    });
+    let metrics = RelayMetrics::register(&mut prometheus_client::registry::Registry::default());
+    let (_figures, figures_rx) = tokio::sync::watch::channel(Figures::default());
+    let source = report::relay_source(metrics, figures_rx);
+    let a = candidate_with(&api, "pod-a", |e| {
+        e.with_owner(Some(owner("uid-1"))).with_report(source)
+    });
+    until("a leads", a.leadership.clone(), true).await;
+    let lease = api.lease().expect("lease");
+    assert_eq!(
+        lease["spec"]["leaseTransitions"], 4,
+        "a renewal, not a takeover"
+    );
+    assert_eq!(
+        lease["metadata"]["ownerReferences"],
+        json!([foreign_owner.clone(), {"apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
+                "name": "orders", "uid": "uid-1", "controller": false}]),
+        "our owner reference added after the foreign one"
+    );
+
+    // Someone annotates and labels the Lease between two renewals.
+    api.edit(|lease| {
+        lease["metadata"]["annotations"]["example.com/added-later"] = json!("also keep");
+        lease["metadata"]["labels"]["team"] = json!("payments");
+    });
+    let lease = api.wait_writes(2).await;
+    assert_eq!(lease["spec"]["holderIdentity"], "pod-a");
+    assert_eq!(
+        lease["metadata"]["labels"],
+        json!({"app.kubernetes.io/name": "orders", "team": "payments"})
+    );
+    assert_eq!(annotation(&lease, "example.com/note"), Some("keep me"));
+    assert_eq!(
+        annotation(&lease, "example.com/added-later"),
+        Some("also keep")
+    );
+    assert!(
+        annotation(&lease, report::REPORT_TIME).is_some(),
+        "the report sits beside them"
+    );
+    assert_eq!(
+        lease["metadata"]["ownerReferences"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "no owner reference added twice"
     );
 }

@@ -15,6 +15,7 @@ mod inbox_bench;
 mod inbox_crash;
 mod inbox_delivery;
 mod inbox_duplicates;
+mod inbox_failover;
 mod inbox_faults;
 mod inbox_order;
 mod inbox_processing;

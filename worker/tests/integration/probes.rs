@@ -1,5 +1,6 @@
 //! Test 7: the HTTP endpoints answer and the counters match what was delivered;
-//! a missing own topic makes the relay not ready without dead-lettering.
+//! a missing own topic makes the relay not ready without dead-lettering; the
+//! inbox probe's figures make the status report on the Lease.
 
 use std::time::Duration;
 
@@ -197,5 +198,77 @@ async fn the_backlog_probe_is_bounded_on_the_server() {
     assert!(
         backlog.is_some_and(|b| b >= 100_000.0),
         "backlog {backlog:?}"
+    );
+}
+
+/// The probe's figures of an inbox table, read from a real database, make
+/// the inbox worker's status report: unprocessed and parked rows, and the
+/// newest `processed_at` as the last progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_probe_figures_feed_the_lease_report() {
+    use outbox_worker::health::Health;
+    use outbox_worker::inbox::store::InboxStore;
+    use outbox_worker::metrics::InboxMetrics;
+    use outbox_worker::probe::{Figures, Probe, probe_pool};
+    use outbox_worker::report;
+
+    let env = TestEnv::new("inbox_report").await;
+    sqlx::query(
+        "INSERT INTO inbox (message_id, payload, processed_at, parked_at) VALUES \
+         ('done-1', '', '2026-01-01T00:00:01Z', NULL), \
+         ('done-2', '', '2026-01-01T00:00:02.5Z', NULL), \
+         ('parked', '', NULL, now()), \
+         ('pending', '', NULL, NULL)",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("rows");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = InboxMetrics::register(&mut registry);
+    let (figures, mut figures_rx) = tokio::sync::watch::channel(Figures::default());
+    let options = outbox_worker::db::connect_options(&env.database_url).expect("url");
+    let store = InboxStore::new("inbox".parse().expect("table")).expect("store");
+    let probe = Probe {
+        pool: probe_pool(&options, Duration::from_secs(1)),
+        queries: store.probe_queries(),
+        backlog: metrics.backlog.clone(),
+        oldest_age: metrics.oldest_unprocessed_age.clone(),
+        parked: Some(metrics.parked.clone()),
+        figures,
+        ready: metrics.ready.clone(),
+        resource: None,
+        health: Health::new(Duration::from_secs(60)),
+        interval: Duration::from_secs(1),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(probe.run(stop.clone()));
+    let read = tokio::time::timeout(WAIT, figures_rx.changed()).await;
+    stop.cancel();
+    let _ = task.await;
+    read.expect("a probe round within the deadline")
+        .expect("the probe ran");
+
+    let report = report::inbox(chrono::Utc::now(), &metrics, &figures_rx.borrow());
+    assert_eq!(
+        report.get(report::BACKLOG).map(String::as_str),
+        Some("1"),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.get(report::PARKED_ROWS).map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        report.get(report::LAST_PROGRESS_TIME).map(String::as_str),
+        Some("2026-01-01T00:00:02.500Z")
+    );
+    let age: f64 = report
+        .get(report::OLDEST_PENDING_AGE_SECONDS)
+        .and_then(|a| a.parse().ok())
+        .expect("the oldest unprocessed row's age");
+    assert!((0.0..60.0).contains(&age), "{age}");
+    assert_eq!(
+        report.get(report::MESSAGES_TOTAL).map(String::as_str),
+        Some("0")
     );
 }
