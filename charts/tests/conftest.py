@@ -14,6 +14,7 @@ TESTS_DIR = pathlib.Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parents[1]
 CHART_DIR = REPO_DIR / "charts" / "outbox-operator"
 CRD_FILE = REPO_DIR / "crds" / "outboxrelays.outbox.dev.yaml"
+INBOX_CRD_FILE = REPO_DIR / "crds" / "inboxrelays.outbox.dev.yaml"
 EXAMPLES_DIR = REPO_DIR / "examples"
 FULL_VALUES = TESTS_DIR / "values-full.yaml"
 RELEASE = "outbox-operator"
@@ -81,10 +82,22 @@ def any_render(request, default_render, full_render):
 
 
 @pytest.fixture(scope="session")
-def code_crd():
-    return yaml.safe_load(run_operator("crd").stdout)
+def code_crds():
+    """{kind: CustomResourceDefinition} of what `outbox-operator crd` prints (one YAML
+    document per CRD)."""
+    return {d["spec"]["names"]["kind"]: d for d in load_docs(run_operator("crd").stdout)}
+
+
+@pytest.fixture(scope="session")
+def code_crd(code_crds):
+    return code_crds["OutboxRelay"]
 
 
 @pytest.fixture(scope="session")
 def relay_schema(code_crd):
     return code_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="session")
+def inbox_schema(code_crds):
+    return code_crds["InboxRelay"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

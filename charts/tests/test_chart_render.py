@@ -65,7 +65,10 @@ def test_default_kinds(default_render):
 
 
 def test_full_kinds(full_render):
-    assert sorted(o["kind"] for o in objects(full_render)) == sorted(DEFAULT_KINDS + ["ServiceMonitor", "PrometheusRule", "ConfigMap"])
+    # watchNamespace: Roles (the watched namespace, the operator's Lease) instead of the ClusterRole.
+    cluster_wide = {"ClusterRole", "ClusterRoleBinding"}
+    expected = [k for k in DEFAULT_KINDS if k not in cluster_wide] + ["Role", "Role", "RoleBinding", "RoleBinding"]
+    assert sorted(o["kind"] for o in objects(full_render)) == sorted(expected + ["ServiceMonitor", "PrometheusRule", "ConfigMap"])
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -147,6 +150,8 @@ def test_deployment_defaults(default_render):
     assert e["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert e["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert "WATCH_NAMESPACE" not in e
+    # No allowlist: the operator runs only its own worker image.
+    assert "IMAGE_ALLOWLIST" not in e
     assert pod["serviceAccountName"] == by_kind(default_render, "ServiceAccount")["metadata"]["name"]
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
 
@@ -174,6 +179,7 @@ def test_full_values_reach_the_objects(full_render):
     assert c["imagePullPolicy"] == "Always"
     assert e["WORKER_IMAGE"] == "registry.example.com/outbox/outbox-worker:0.1.0-rc.1"
     assert e["WATCH_NAMESPACE"] == "shop"
+    assert e["IMAGE_ALLOWLIST"] == "registry.example.com/outbox/,ghcr.io/outbox-dev/outbox-worker:"
     assert e["LEASE_NAME"] == "outbox-operator-lock"
     assert e["LEASE_DURATION_SECONDS"] == "20"
     assert e["RUST_LOG"] == "info,outbox_operator=debug"
@@ -181,7 +187,13 @@ def test_full_values_reach_the_objects(full_render):
     assert pod["priorityClassName"] == "system-cluster-critical"
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
     assert pod["serviceAccountName"] == "outbox-operator-sa"
-    assert by_kind(full_render, "ClusterRoleBinding")["subjects"][0]["name"] == "outbox-operator-sa"
+    bindings = [o for o in objects(full_render) if o["kind"] == "RoleBinding"]
+    assert sorted((b["metadata"]["namespace"], b["metadata"]["name"]) for b in bindings) == [
+        (NAMESPACE, "outbox-operator-full-leader-election"), ("shop", "outbox-operator-full")]
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "outbox-operator-sa", "namespace": NAMESPACE}]
+               for b in bindings)
+    lease_role = next(o for o in objects(full_render) if o["kind"] == "Role" and o["metadata"]["namespace"] == NAMESPACE)
+    assert lease_role["rules"][1]["resourceNames"] == ["outbox-operator-lock"]
     assert by_kind(full_render, "Deployment")["metadata"]["name"] == "outbox-operator-full"
     assert by_kind(full_render, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
     assert by_kind(full_render, "Service")["spec"]["ports"][0]["port"] == 9090
@@ -242,6 +254,11 @@ def test_optional_objects_can_be_disabled():
         ({"resources": {"requests": {"cpu": "lots"}}}, "/resources/requests/cpu"),
         ({"metrics": {"serviceMonitor": {"enabled": True, "interval": "often"}}}, "/metrics/serviceMonitor/interval"),
         ({"serviceAccount": {"create": "yes"}}, "/serviceAccount/create"),
+        ({"workerImageAllowlist": "registry.example.com/"}, "/workerImageAllowlist"),
+        ({"workerImageAllowlist": ["registry.example.com/a/,registry.example.com/b/"]}, "/workerImageAllowlist/0"),
+        ({"workerImageAllowlist": ["registry.example.com/ a/"]}, "/workerImageAllowlist/0"),
+        ({"workerImageAllowlist": [""]}, "/workerImageAllowlist/0"),
+        ({"workerImageAllowlist": ["a/", "a/"]}, "/workerImageAllowlist"),
     ],
 )
 def test_values_schema_refuses(change, message):
@@ -266,3 +283,58 @@ def test_notes_tell_what_to_do_next(default_render, full_render):
     sample = notes.split("cat <<'YAML' | kubectl apply -f -", 1)[1].split("   YAML", 1)[0]
     relay = yaml.safe_load("\n".join(line[3:] for line in sample.splitlines()))
     assert relay["kind"] == "OutboxRelay"
+    # And so is the InboxRelay sample.
+    assert "kubectl get inboxrelays" in notes
+    sample = notes.split("cat <<'YAML' | kubectl apply -f -", 2)[2].split("   YAML", 1)[0]
+    inbox = yaml.safe_load("\n".join(line[3:] for line in sample.splitlines()))
+    assert inbox["kind"] == "InboxRelay"
+    assert inbox["spec"]["database"]["urlSecretRef"] == relay["spec"]["database"]["urlSecretRef"]
+    # Whether other worker images are allowed.
+    assert "a spec.image naming another image is refused" in notes
+    assert "spec.image may also start with registry.example.com/outbox/, ghcr.io/outbox-dev/outbox-worker:" in full_render["NOTES.txt"]
+
+
+def test_notes_samples_match_the_crds(default_render, relay_schema, inbox_schema):
+    """Both samples pass the CRD schemas as printed (placeholders included)."""
+    import jsonschema
+
+    samples = default_render["NOTES.txt"].split("cat <<'YAML' | kubectl apply -f -")[1:]
+    assert len(samples) == 2
+    for sample, schema in zip(samples, (relay_schema, inbox_schema)):
+        obj = yaml.safe_load("\n".join(line[3:] for line in sample.split("   YAML", 1)[0].splitlines()))
+        assert list(jsonschema.Draft7Validator(schema).iter_errors(obj)) == [], obj["kind"]
+
+
+def render_with_chart_env(rendered, relay_path):
+    """`outbox-operator render` with the chart's WORKER_IMAGE and IMAGE_ALLOWLIST (the two
+    settings `run` shares with `render`)."""
+    import os
+    import subprocess
+
+    from conftest import REPO_DIR, operator_command
+
+    e = env(rendered)
+    run_env = {k: v for k, v in os.environ.items() if k not in ("WORKER_IMAGE", "IMAGE_ALLOWLIST")}
+    run_env.update({k: e[k] for k in ("WORKER_IMAGE", "IMAGE_ALLOWLIST") if k in e})
+    return subprocess.run(operator_command() + ["render", "-f", str(relay_path)], cwd=REPO_DIR, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("example", ["outboxrelay.yaml", "inboxrelay.yaml"])
+def test_the_operator_honours_the_charts_image_allowlist(tmp_path, default_render, full_render, example):
+    relay = yaml.safe_load((CHART_DIR.parents[1] / "examples" / example).read_text())
+    relay["spec"]["image"] = "registry.example.com/outbox/outbox-worker:custom"
+    path = tmp_path / example
+    path.write_text(yaml.safe_dump(relay))
+    # Default values: no allowlist, so only the chart's worker image may be named.
+    refused = render_with_chart_env(default_render, path)
+    assert refused.returncode != 0 and "not allowed" in refused.stderr, refused.stderr
+    # workerImageAllowlist of values-full.yaml allows registry.example.com/outbox/.
+    allowed = render_with_chart_env(full_render, path)
+    assert allowed.returncode == 0, allowed.stderr
+    deployment = next(d for d in yaml.safe_load_all(allowed.stdout) if d and d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == relay["spec"]["image"]
+    # The chart's own worker image is always allowed.
+    relay["spec"]["image"] = env(default_render)["WORKER_IMAGE"]
+    path.write_text(yaml.safe_dump(relay))
+    assert render_with_chart_env(default_render, path).returncode == 0

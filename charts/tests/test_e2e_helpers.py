@@ -2,11 +2,11 @@
 emulator and PostgreSQL that `make test` already needs (each part is skipped when they are not
 installed):
 
-- the pubsub-setup Job's script from examples/dev/ creates the topic and the ordered
-  subscription, and is idempotent;
+- the pubsub-setup Job's script from examples/dev/ creates the topic and the two ordered
+  subscriptions (e2e.sh's and the InboxRelay's), and is idempotent;
 - e2e.sh's pull / acknowledge / count / ordering helpers work on what the emulator returns;
-- e2e.sh's INSERT of rows and its "outbox drained" check work on the schema the migrations
-  create.
+- e2e.sh's INSERT of rows, its "outbox drained" check and its inbox-table count and order
+  checks work on the schema the migrations create.
 
 `kubectl exec <pod> -- CMD...` is replaced by a shim running CMD here."""
 
@@ -30,6 +30,7 @@ EMULATOR_BIN = pathlib.Path(
     os.environ.get("PUBSUB_EMULATOR_BIN", "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 )
 PROJECT, TOPIC, SUBSCRIPTION = "local-dev-project", "orders", "orders-sub"
+INBOX_SUBSCRIPTION = "orders-inbox"
 IN_CLUSTER = "http://pubsub-emulator.outbox-dev.svc:8085"
 
 needs_emulator = pytest.mark.skipif(
@@ -89,18 +90,24 @@ def subscription(emulator, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job")
     script = script.replace("/tmp/", f"{tmp}/")
     env = {**os.environ, **env, "EMULATOR": emulator}
-    for expected in ("created", "exists "):  # a second run finds both and succeeds
+    for expected in ("created", "exists "):  # a second run finds all three and succeeds
         result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.count(expected) == 2, result.stdout
+        assert result.stdout.count(expected) == 3, result.stdout
     return emulator
 
 
 @needs_emulator
-def test_setup_job_creates_an_ordered_subscription(subscription):
-    sub = call(f"{subscription}/v1/projects/{PROJECT}/subscriptions/{SUBSCRIPTION}", method="GET")
+@pytest.mark.parametrize("name", [SUBSCRIPTION, INBOX_SUBSCRIPTION])
+def test_setup_job_creates_an_ordered_subscription(subscription, name):
+    sub = call(f"{subscription}/v1/projects/{PROJECT}/subscriptions/{name}", method="GET")
     assert sub["topic"] == f"projects/{PROJECT}/topics/{TOPIC}"
     assert sub["enableMessageOrdering"] is True
+
+
+def test_inbox_subscription_is_the_inboxrelays():
+    inbox = yaml.safe_load((EXAMPLES_DIR / "inboxrelay.yaml").read_text())
+    assert inbox["spec"]["pubsub"]["subscription"] == f"projects/{PROJECT}/subscriptions/{INBOX_SUBSCRIPTION}"
 
 
 def e2e_functions():
@@ -128,7 +135,7 @@ def run_helpers(tmp_path, emulator, commands, env=None):
     harness = tmp_path / "harness.sh"
     harness.write_text(
         "set -euo pipefail\n"
-        "context=test ns=outbox-dev relay=orders op_ns=outbox-system client=e2e-client\n"
+        "context=test ns=outbox-dev relay=orders inbox=orders op_ns=outbox-system client=e2e-client\n"
         f"project={PROJECT} subscription={SUBSCRIPTION} run_id=t1\n"
         f'work="{tmp_path}/work"; mkdir -p "$work"; seen="$work/seen.txt"; : >"$seen"\n'
         + e2e_functions()
@@ -249,9 +256,54 @@ def test_e2e_inserts_rows_the_relay_reads(postgres, tmp_path):
     assert result.stdout.split() == ["1000|10|e2e-t1-1", "NOT-EMPTY", "EMPTY"]
 
 
+def fill_inbox(postgres, rows, run_id="t1"):
+    """Rows as the inbox worker stores them (payload = the message data), in this order."""
+    values = ", ".join(f"('{run_id}-{g}', convert_to('e2e-{run_id}-{g}', 'UTF8'), 'k{g % 10}')" for g in rows)
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "outbox", "-d", "outbox", "-c",
+                    f"INSERT INTO inbox (message_id, payload, ordering_key) VALUES {values}"],
+                   env={**os.environ, **postgres}, check=True, capture_output=True)
+
+
 @needs_postgres
-def test_relay_table_exists_after_the_migrations(postgres):
+def test_e2e_inbox_checks_find_every_row_in_key_order(postgres, tmp_path):
+    # Another run's rows and a payload that is not UTF-8 do not disturb the checks.
+    fill_inbox(postgres, range(1, 6), run_id="other")
+    subprocess.run(["psql", "-X", "-q", "-U", "outbox", "-d", "outbox", "-c",
+                    "INSERT INTO inbox (message_id, payload) VALUES ('binary', '\\xff00'::bytea)"],
+                   env={**os.environ, **postgres}, check=True, capture_output=True)
+    fill_inbox(postgres, range(1, 301))
+    result = run_helpers(tmp_path, "unused", "in_inbox 1 300\ncheck_inbox_order 1 300\n", env=postgres)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "inbox holds 300 of 300 (rows 1..300)" in result.stdout
+    result = run_helpers(tmp_path, "unused", "in_inbox 1 301\n", env=postgres)
+    assert result.returncode != 0
+    assert "inbox holds 300 of 301 (rows 1..301)" in result.stdout
+    # process_inbox marks this run's rows processed, and only them.
+    result = run_helpers(
+        tmp_path, "unused",
+        "process_inbox\n"
+        "psql_dev \"SELECT count(*) FILTER (WHERE processed_at IS NULL), count(*) FROM inbox"
+        " WHERE position(convert_to('e2e-t1-', 'UTF8') IN payload) = 1\"\n"
+        "psql_dev \"SELECT count(*) FROM inbox WHERE processed_at IS NULL\"\n",
+        env=postgres,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0|300", "6"]  # the other run's 5 rows and the binary one
+
+
+@needs_postgres
+def test_e2e_inbox_order_check_notices_reordering(postgres, tmp_path):
+    fill_inbox(postgres, [620, 610])  # same key k0, stored in the wrong order
+    result = run_helpers(tmp_path, "unused", "in_inbox 610 610\nin_inbox 620 620\ncheck_inbox_order 610 620\n",
+                         env=postgres)
+    assert result.returncode != 0
+    assert "out of order" in result.stdout
+
+
+@needs_postgres
+@pytest.mark.parametrize("table", ["outbox", "inbox"])
+def test_worker_tables_exist_after_the_migrations(postgres, table):
     out = subprocess.run(["psql", "-X", "-t", "-A", "-U", "outbox", "-d", "outbox", "-c",
-                          "SELECT to_regclass('public.' || %r) IS NOT NULL" % "outbox"],
+                          "SELECT to_regclass('public.' || %r) IS NOT NULL" % table],
                          env={**os.environ, **postgres}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "t"
