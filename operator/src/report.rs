@@ -3,7 +3,7 @@
 //! The worker holding a relay's Lease writes these annotations at every renewal (every
 //! `retryPeriod`), in the same write that renews it, so the operator learns how messages
 //! flow without database access or pod networking. The contract (names and formats) is
-//! the worker's, documented in `worker/src/leader/report.rs`; a value that does not parse
+//! the worker's (names in `outbox_telemetry::lease_report`, meanings in `worker/src/report.rs`); a value that does not parse
 //! is treated as absent rather than failing the reconcile.
 //!
 //! | annotation | meaning |
@@ -22,22 +22,10 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 
-/// Annotation: when the figures were read.
-pub const REPORT_TIME: &str = "outbox.dev/report-time";
-/// Annotation: rows waiting.
-pub const BACKLOG: &str = "outbox.dev/backlog";
-/// Annotation: seconds since the oldest waiting row was written.
-pub const OLDEST_PENDING_AGE: &str = "outbox.dev/oldest-pending-age-seconds";
-/// Annotation: messages published or stored by the reporting process.
-pub const MESSAGES_TOTAL: &str = "outbox.dev/messages-total";
-/// Annotation: messages dead-lettered by the reporting process.
-pub const DEAD_LETTERS_TOTAL: &str = "outbox.dev/dead-letters-total";
-/// Annotation: last progress.
-pub const LAST_PROGRESS_TIME: &str = "outbox.dev/last-progress-time";
-/// Annotation: paused ordering keys (outbox).
-pub const PAUSED_KEYS: &str = "outbox.dev/paused-keys";
-/// Annotation: parked rows (inbox).
-pub const PARKED_ROWS: &str = "outbox.dev/parked-rows";
+use outbox_telemetry::lease_report::{
+    BACKLOG, DEAD_LETTERS_TOTAL, LAST_PROGRESS_TIME, MESSAGES_TOTAL, OLDEST_PENDING_AGE_SECONDS,
+    PARKED_ROWS, PAUSED_KEYS, REPORT_TIME,
+};
 
 /// What a Lease says about the flow of messages; every field is optional.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -75,7 +63,7 @@ pub fn read(lease: &Lease) -> Report {
     Report {
         report_time: time(REPORT_TIME),
         backlog: count(BACKLOG),
-        oldest_pending_age: text(OLDEST_PENDING_AGE)
+        oldest_pending_age: text(OLDEST_PENDING_AGE_SECONDS)
             .and_then(|v| v.parse::<f64>().ok())
             .and_then(|s| Duration::try_from_secs_f64(s).ok()),
         messages_total: count(MESSAGES_TOTAL),
@@ -123,7 +111,7 @@ mod tests {
         let r = read(&lease(&[
             (REPORT_TIME, "2026-12-02T10:00:00Z"),
             (BACKLOG, "1234"),
-            (OLDEST_PENDING_AGE, "12.5"),
+            (OLDEST_PENDING_AGE_SECONDS, "12.5"),
             (MESSAGES_TOTAL, "99"),
             (DEAD_LETTERS_TOTAL, "2"),
             (LAST_PROGRESS_TIME, "2026-12-02T09:59:58.5Z"),
@@ -147,7 +135,7 @@ mod tests {
     fn malformed_values_are_absent_not_errors() {
         let r = read(&lease(&[
             (BACKLOG, "-1"),
-            (OLDEST_PENDING_AGE, "NaN"),
+            (OLDEST_PENDING_AGE_SECONDS, "NaN"),
             (MESSAGES_TOTAL, "many"),
             (LAST_PROGRESS_TIME, "yesterday"),
         ]));

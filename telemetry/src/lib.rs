@@ -11,8 +11,12 @@
 //! what they cost before. With one, spans go through the SDK's batch
 //! processor, which never blocks the caller; what it cannot deliver is
 //! dropped and counted ([`accounting`]).
+//!
+//! It also names the figures a leading worker reports on its Lease for the
+//! operator ([`lease_report`]), so both binaries share one contract.
 
 pub mod accounting;
+pub mod lease_report;
 pub mod otlp;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -38,34 +38,10 @@ use crate::leader::kubernetes::Report;
 use crate::metrics::{InboxMetrics, RelayMetrics};
 use crate::probe::Figures;
 
-/// RFC 3339 UTC time the report was assembled.
-pub const REPORT_TIME: &str = "outbox.dev/report-time";
-/// Pending (relay) or unprocessed (inbox) rows.
-pub const BACKLOG: &str = "outbox.dev/backlog";
-/// Age of the oldest pending or unprocessed row, in decimal seconds.
-pub const OLDEST_PENDING_AGE_SECONDS: &str = "outbox.dev/oldest-pending-age-seconds";
-/// Messages published (relay) or stored (inbox) by this process.
-pub const MESSAGES_TOTAL: &str = "outbox.dev/messages-total";
-/// Messages dead-lettered by this process.
-pub const DEAD_LETTERS_TOTAL: &str = "outbox.dev/dead-letters-total";
-/// RFC 3339 time of the last progress (see the module documentation).
-pub const LAST_PROGRESS_TIME: &str = "outbox.dev/last-progress-time";
-/// Ordering keys currently paused (relay only).
-pub const PAUSED_KEYS: &str = "outbox.dev/paused-keys";
-/// Parked inbox rows (inbox only).
-pub const PARKED_ROWS: &str = "outbox.dev/parked-rows";
-
-/// Every annotation of the report.
-pub const KEYS: [&str; 8] = [
-    REPORT_TIME,
-    BACKLOG,
-    OLDEST_PENDING_AGE_SECONDS,
-    MESSAGES_TOTAL,
-    DEAD_LETTERS_TOTAL,
-    LAST_PROGRESS_TIME,
-    PAUSED_KEYS,
-    PARKED_ROWS,
-];
+pub use outbox_telemetry::lease_report::{
+    BACKLOG, DEAD_LETTERS_TOTAL, KEYS, LAST_PROGRESS_TIME, MESSAGES_TOTAL,
+    OLDEST_PENDING_AGE_SECONDS, PARKED_ROWS, PAUSED_KEYS, REPORT_TIME,
+};
 
 /// Decimal seconds to the millisecond, without trailing zeros (`0` when
 /// nothing is pending).
