@@ -31,11 +31,15 @@ test-python:
 	OUTBOX_OPERATOR_BIN=$(CURDIR)/target/debug/outbox-operator charts/tests/run.sh
 
 # The short soak CI runs: a fixed seed, so that a failure reruns the same way
-# (`make soak SOAK_ARGS="--seed 11 --duration 2m"`).
-CI_SOAK_ARGS ?= --duration 2m --seed 11 --report target/soak/ci-report.json
+# (`make soak SOAK_ARGS="--seed 11 --duration 2m --rate 500"`). It checks the
+# promises under faults, not capacity: at 1,000/s the two shared cores have
+# little headroom once the emulator restarts cold, and how long the relay then
+# takes to catch up is a figure of the machine (docs/soak.md). Without a
+# backtrace, the report and the reason for a failure are the last lines printed.
+CI_SOAK_ARGS ?= --duration 2m --seed 11 --rate 500 --report target/soak/ci-report.json
 test-soak:
 	$(CARGO) build --release -q -p worker -p devkit
-	target/release/outbox-soak $(CI_SOAK_ARGS)
+	RUST_BACKTRACE=0 target/release/outbox-soak $(CI_SOAK_ARGS)
 
 lint: ## rustfmt and clippy, as CI wants them
 	$(CARGO) fmt --all -- --check

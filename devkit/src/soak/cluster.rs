@@ -253,6 +253,13 @@ fn spawn_inbox(
 ) -> anyhow::Result<WorkerProcess> {
     let port = crate::free_port()?;
     let env = [
+        // One inbox worker, so no election: with one, a PostgreSQL restart
+        // ends its lock session and so its term, which closes its streaming
+        // pulls; the emulator then stops delivering an ordered subscription
+        // to the new streams (docs/inbox.md, emulator limitation), which
+        // real Pub/Sub does not. Inbox failover is tested in
+        // worker/tests/integration/inbox_failover.rs.
+        ("LEADER_ELECTION", "none".to_owned()),
         ("DATABASE_URL", database_url.to_owned()),
         ("PUBSUB_SUBSCRIPTION", inbox_subscription()),
         ("PUBSUB_EMULATOR_HOST", emulator_host.to_owned()),
