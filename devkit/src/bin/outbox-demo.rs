@@ -30,15 +30,40 @@ struct Args {
     /// How long the producer writes.
     #[arg(long, env = "DEMO_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Orders per second in total (0 = as fast as the producers can commit).
-    #[arg(long, env = "DEMO_RATE", default_value_t = 0)]
-    rate: u64,
+    /// Orders per second in total, or `max`: as fast as the producers can
+    /// commit. The default is a steady load, so that the latency printed is
+    /// what an application at that load sees; with `max` the producers take
+    /// the CPU the relay and the emulator share, and latency shows a
+    /// saturated machine.
+    #[arg(long, env = "DEMO_RATE", default_value = "1000", value_parser = parse_rate)]
+    rate: Rate,
     /// Concurrent producer connections.
     #[arg(long, env = "DEMO_PRODUCERS", default_value_t = 4)]
     producers: usize,
     /// Distinct customers (ordering keys).
     #[arg(long, default_value_t = 100)]
     customers: u64,
+}
+
+/// The producers' total rate.
+#[derive(Clone, Copy, Debug)]
+enum Rate {
+    /// As fast as the producers can commit.
+    Max,
+    /// Orders per second in total.
+    PerSecond(u64),
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    match s.trim() {
+        "max" => Ok(Rate::Max),
+        n => match n.parse::<u64>() {
+            Ok(0) | Err(_) => Err(format!(
+                "`{s}` is not a rate: give orders per second (e.g. 1000) or `max`"
+            )),
+            Ok(n) => Ok(Rate::PerSecond(n)),
+        },
+    }
 }
 
 const PROJECT: &str = "demo";
@@ -199,17 +224,19 @@ async fn main() -> anyhow::Result<()> {
         "== producing for {:?} with {} connections ({}), each order and its outbox row in one transaction",
         args.duration,
         args.producers,
-        if args.rate == 0 {
-            "as fast as possible".to_owned()
-        } else {
-            format!("{} orders/s", args.rate)
+        match args.rate {
+            Rate::Max => "as fast as possible".to_owned(),
+            Rate::PerSecond(n) => format!("{n} orders/s"),
         }
     );
     let mut producers = Vec::new();
     for p in 0..args.producers {
         let pool = pool.clone();
         let produced = produced.clone();
-        let per_producer = (args.rate as f64 / args.producers as f64).max(0.0);
+        let per_producer = match args.rate {
+            Rate::Max => 0.0,
+            Rate::PerSecond(n) => n as f64 / args.producers as f64,
+        };
         let customers = args.customers;
         producers.push(tokio::spawn(async move {
             let started = Instant::now();
@@ -422,4 +449,19 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_a_positive_number_or_max() {
+        assert!(matches!(parse_rate("1000"), Ok(Rate::PerSecond(1000))));
+        assert!(matches!(parse_rate("max"), Ok(Rate::Max)));
+        for bad in ["0", "-5", "fast", ""] {
+            let error = parse_rate(bad).expect_err(bad);
+            assert!(error.contains("orders per second"), "{error}");
+        }
+    }
 }
