@@ -20,7 +20,7 @@ pub use collector::{Collector, Received};
 pub use emulator::Emulator;
 pub use iam::IamStandIn;
 pub use otlp::OtlpReceiver;
-pub use postgres::Postgres;
+pub use postgres::{Durability, Postgres};
 pub use proxy::Proxy;
 pub use worker::WorkerProcess;
 

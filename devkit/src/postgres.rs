@@ -15,6 +15,33 @@ pub struct Postgres {
     port: u16,
     uid: Option<(u32, u32)>,
     child: Option<Child>,
+    durability: Durability,
+}
+
+/// Whether a commit waits for its WAL to reach the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `fsync`, `full_page_writes` and `synchronous_commit` off: a commit
+    /// costs no disk flush. Tests and the default benchmark run so; a crash
+    /// of the machine (not of the server) may lose committed rows.
+    Relaxed,
+    /// PostgreSQL's own defaults (all three on), as production runs it: every
+    /// commit waits until its WAL is flushed to the disk.
+    Durable,
+}
+
+impl Durability {
+    /// The server settings, as `name=value`.
+    pub fn settings(self) -> [&'static str; 3] {
+        match self {
+            Durability::Relaxed => [
+                "fsync=off",
+                "full_page_writes=off",
+                "synchronous_commit=off",
+            ],
+            Durability::Durable => ["fsync=on", "full_page_writes=on", "synchronous_commit=on"],
+        }
+    }
 }
 
 /// Where the PostgreSQL server binaries are: `$PG_BIN`, or the newest
@@ -75,8 +102,14 @@ fn chown(path: &Path, ids: Option<(u32, u32)>) -> anyhow::Result<()> {
 }
 
 impl Postgres {
-    /// initdb + start on a free port; returns once it accepts connections.
+    /// initdb + start on a free port with relaxed durability (commits cost
+    /// no disk flush); returns once it accepts connections.
     pub async fn start() -> anyhow::Result<Postgres> {
+        Self::start_with(Durability::Relaxed).await
+    }
+
+    /// initdb + start on a free port; returns once it accepts connections.
+    pub async fn start_with(durability: Durability) -> anyhow::Result<Postgres> {
         let bin = find_bin()?;
         let uid = unprivileged_ids()?;
         let dir = tempfile::Builder::new().prefix("outbox-pg-").tempdir()?;
@@ -110,6 +143,7 @@ impl Postgres {
             port: crate::free_port()?,
             uid,
             child: None,
+            durability,
         };
         pg.start_server().await?;
         Ok(pg)
@@ -135,18 +169,14 @@ impl Postgres {
                 "-c",
                 "max_connections=300",
                 "-c",
-                "fsync=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
                 "shared_buffers=256MB",
                 "-c",
                 "max_wal_size=4GB",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log);
+            ]);
+        for setting in self.durability.settings() {
+            cmd.arg("-c").arg(setting);
+        }
+        cmd.stdout(Stdio::null()).stderr(log);
         if let Some((u, g)) = self.uid {
             cmd.uid(u).gid(g);
         }

@@ -3,7 +3,8 @@
 //!
 //! Everything runs against throwaway infrastructure started here: a
 //! PostgreSQL cluster (fsync, full_page_writes and synchronous_commit off, as
-//! the devkit harness starts it) and the Pub/Sub emulator, both on this
+//! the devkit harness starts it; with `--durable` a second cluster with all
+//! three on, for the durable variants) and the Pub/Sub emulator, all on this
 //! machine. The relay and the inbox worker are the real release
 //! `outbox-worker` binary, run as child processes.
 //!
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
-use devkit::{Emulator, Postgres, WorkerProcess};
+use devkit::{Durability, Emulator, Postgres, WorkerProcess};
 use outbox_worker::ident::TopicName;
 use outbox_worker::pubsub::{Batching, Publishers};
 use outbox_worker::relay::store::OutboxStore;
@@ -72,6 +73,12 @@ struct Args {
     /// Run only these sections (comma-separated). Ratios need `db` and `pubsub` too.
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Section>,
+    /// Also run the database ceiling, the relay and the classic loop against
+    /// a second, durable PostgreSQL cluster (fsync, full_page_writes and
+    /// synchronous_commit on: every commit waits for its WAL flush), as
+    /// variants marked "durable".
+    #[arg(long, env = "BENCH_DURABLE")]
+    durable: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -121,6 +128,7 @@ const RELAY_FIGURE: &str = "relay: outbox -> Pub/Sub acknowledged -> deleted";
 const PROJECT_TOPICS: &str = "projects/bench/topics";
 const PROJECT_SUBS: &str = "projects/bench/subscriptions";
 const DB_CEILING: &str = "database: claim + delete, relay-sized batches";
+const CLASSIC_FIGURE: &str = "classic loop: 1 row per transaction, publish, mark sent";
 
 /// The relay's claim size and payload budget: its defaults, or the
 /// `BATCH_SIZE` / `BATCH_BYTES` overrides it inherits from this process.
@@ -169,11 +177,13 @@ impl Build {
     }
 }
 
-/// One payload size, with or without ordering keys.
+/// One payload size, with or without ordering keys, on the relaxed or the
+/// durable database.
 #[derive(Clone, Copy, Debug)]
 struct Variant {
     payload: usize,
     keys: usize,
+    durable: bool,
 }
 
 impl Variant {
@@ -183,14 +193,25 @@ impl Variant {
         } else {
             format!("{} B", self.payload)
         };
-        if self.keys > 0 {
-            format!("{size}, {} keys", self.keys)
+        let keys = if self.keys > 0 {
+            format!(", {} keys", self.keys)
         } else {
-            size
-        }
+            String::new()
+        };
+        let durable = if self.durable { ", durable" } else { "" };
+        format!("{size}{keys}{durable}")
     }
     fn slug(&self) -> String {
-        format!("p{}k{}", self.payload, self.keys)
+        let durable = if self.durable { "d" } else { "" };
+        format!("p{}k{}{durable}", self.payload, self.keys)
+    }
+    /// The same payload and keys on the relaxed database (the Pub/Sub
+    /// ceiling does not depend on the database).
+    fn relaxed(self) -> Variant {
+        Variant {
+            durable: false,
+            ..self
+        }
     }
 }
 
@@ -429,10 +450,49 @@ fn busy_between(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
     (dt > 0.0).then(|| 1.0 - (i1 - i0) as f64 / dt)
 }
 
-struct Bench {
-    args: Args,
+/// A database the benchmark works in.
+struct Db {
     pool: PgPool,
     url: String,
+}
+
+impl Db {
+    /// Creates the `bench` database on `pg`, migrated, with the classic
+    /// loop's table.
+    async fn create(pg: &Postgres, worker: &Path) -> anyhow::Result<Db> {
+        let url = pg.create_database("bench").await?;
+        let status = std::process::Command::new(worker)
+            .args(["migrate", "--database-url", &url])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running outbox-worker migrate")?;
+        anyhow::ensure!(status.success(), "outbox-worker migrate failed");
+        let pool = PgPoolOptions::new()
+            .max_connections(12)
+            .connect(&url)
+            .await?;
+        sqlx::query(
+            "CREATE TABLE outbox_classic (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+             message_id UUID NOT NULL DEFAULT gen_random_uuid(), payload BYTEA NOT NULL, ordering_key TEXT, \
+             created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), sent_at TIMESTAMPTZ)",
+        )
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "CREATE INDEX outbox_classic_unsent ON outbox_classic (id) WHERE sent_at IS NULL",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(Db { pool, url })
+    }
+}
+
+struct Bench {
+    args: Args,
+    /// The relaxed database (every section).
+    db: Db,
+    /// The durable database (`--durable`: the durable variants).
+    durable: Option<Db>,
     emulator: Emulator,
     worker: PathBuf,
     baseline: Option<PathBuf>,
@@ -449,6 +509,14 @@ struct Bench {
 impl Bench {
     fn wants(&self, s: Section) -> bool {
         self.args.only.is_empty() || self.args.only.contains(&s)
+    }
+
+    /// The database a variant runs against.
+    fn db(&self, v: Variant) -> &Db {
+        match (&self.durable, v.durable) {
+            (Some(durable), true) => durable,
+            _ => &self.db,
+        }
     }
 
     fn next_name(&mut self, what: &str) -> (String, String) {
@@ -495,12 +563,13 @@ impl Bench {
     fn spawn_worker(
         &self,
         build: Build,
+        v: Variant,
         args: &[&str],
         env: &[(&str, String)],
         name: &str,
     ) -> anyhow::Result<WorkerProcess> {
         let mut all = vec![
-            ("DATABASE_URL", self.url.clone()),
+            ("DATABASE_URL", self.db(v).url.clone()),
             ("PUBSUB_EMULATOR_HOST", self.emulator.host()),
         ];
         all.extend(env.iter().cloned());
@@ -519,9 +588,9 @@ impl Bench {
 
     // ------------------------------------------------------------ data
 
-    async fn truncate(&self, table: &str) -> anyhow::Result<()> {
+    async fn truncate(&self, v: Variant, table: &str) -> anyhow::Result<()> {
         sqlx::query(AssertSqlSafe(format!("TRUNCATE {table}")))
-            .execute(&self.pool)
+            .execute(&self.db(v).pool)
             .await?;
         Ok(())
     }
@@ -539,18 +608,18 @@ impl Bench {
             .bind(v.payload as i32)
             .bind(v.keys as i32)
             .bind(n as i32)
-            .execute(&self.pool)
+            .execute(&self.db(v).pool)
             .await?;
         sqlx::query(AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
-            .execute(&self.pool)
+            .execute(&self.db(v).pool)
             .await?;
         Ok(())
     }
 
-    async fn count(&self, table: &str) -> anyhow::Result<i64> {
+    async fn count(&self, v: Variant, table: &str) -> anyhow::Result<i64> {
         Ok(
             sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-                .fetch_one(&self.pool)
+                .fetch_one(&self.db(v).pool)
                 .await?,
         )
     }
@@ -581,7 +650,7 @@ impl Bench {
     /// relay's own SQL, nothing published: rows/s.
     async fn db_ceiling(&mut self, v: Variant) -> anyhow::Result<()> {
         let n = self.args.rows;
-        self.truncate("outbox").await?;
+        self.truncate(v, "outbox").await?;
         self.prefill("outbox", n, v).await?;
         let store = OutboxStore::new("outbox".parse()?)?;
         let (batch, bytes) = relay_batch();
@@ -589,7 +658,7 @@ impl Bench {
         let started = Instant::now();
         let mut done = 0usize;
         loop {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.db(v).pool.begin().await?;
             let rows = store.claim(&mut tx, batch, inline, &[]).await?;
             if rows.is_empty() {
                 tx.rollback().await?;
@@ -613,7 +682,7 @@ impl Bench {
     /// pipelined claims cost the database.
     async fn db_pipelined(&mut self, v: Variant) -> anyhow::Result<()> {
         let n = self.args.rows;
-        self.truncate("outbox").await?;
+        self.truncate(v, "outbox").await?;
         self.prefill("outbox", n, v).await?;
         let store = OutboxStore::new("outbox".parse()?)?;
         let (batch, bytes) = relay_batch();
@@ -624,7 +693,7 @@ impl Bench {
         let mut more = true;
         loop {
             while more && in_flight.len() < relay_depth() {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.db(v).pool.begin().await?;
                 let rows = store.claim(&mut tx, batch, inline, &[]).await?;
                 if rows.is_empty() {
                     tx.rollback().await?;
@@ -696,20 +765,26 @@ impl Bench {
     async fn start_relay(
         &self,
         build: Build,
+        v: Variant,
         topic: &str,
         name: &str,
         env: &[(&str, String)],
     ) -> anyhow::Result<WorkerProcess> {
+        let pool = self.db(v).pool.clone();
         // Backends that started before this relay are not its listener.
         let since: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
-            .fetch_one(&self.pool)
+            .fetch_one(&pool)
             .await?;
         let mut all = vec![("PUBSUB_TOPIC", topic.to_owned())];
         all.extend(env.iter().cloned());
-        let relay =
-            self.spawn_worker(build, &["relay", "--leader-election", "none"], &all, name)?;
+        let relay = self.spawn_worker(
+            build,
+            v,
+            &["relay", "--leader-election", "none"],
+            &all,
+            name,
+        )?;
         relay.wait_ready(Duration::from_secs(60)).await?;
-        let pool = self.pool.clone();
         devkit::wait_for("the relay to LISTEN", Duration::from_secs(30), || {
             let pool = pool.clone();
             async move {
@@ -738,7 +813,7 @@ impl Bench {
         tracing: Tracing,
     ) -> anyhow::Result<()> {
         let n = self.args.rows;
-        self.truncate("outbox").await?;
+        self.truncate(v, "outbox").await?;
         let (topic, subs) = self
             .topic_with_subscriptions("relay", 1, v.keys > 0)
             .await?;
@@ -754,6 +829,7 @@ impl Bench {
         let mut relay = self
             .start_relay(
                 build,
+                v,
                 &topic,
                 &format!("relay-{}-{}", v.slug(), self.seq),
                 &env,
@@ -788,7 +864,7 @@ impl Bench {
         let programs1 = cpu_by_program();
         let cpu = cpu_seconds(pid).unwrap_or(f64::NAN) - cpu0;
         let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
-        let left = self.count("outbox").await?;
+        let left = self.count(v, "outbox").await?;
         anyhow::ensure!(
             left == 0,
             "relay: {left} rows left in the outbox after all were published"
@@ -901,7 +977,7 @@ impl Bench {
             .bind(v.keys as i32)
             .bind(n as i32)
             .bind(traced)
-            .execute(&self.pool)
+            .execute(&self.db(v).pool)
             .await?;
         Ok(Instant::now())
     }
@@ -913,7 +989,7 @@ impl Bench {
     /// for the acknowledgement, mark it sent, commit. No sleep.
     async fn classic(&mut self, v: Variant) -> anyhow::Result<()> {
         let n = self.args.classic_rows;
-        self.truncate("outbox_classic").await?;
+        self.truncate(v, "outbox_classic").await?;
         self.prefill("outbox_classic", n, v).await?;
         let (topic, subs) = self
             .topic_with_subscriptions("classic", 1, v.keys > 0)
@@ -926,7 +1002,7 @@ impl Bench {
         let started = Instant::now();
         let mut done = 0usize;
         loop {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.db(v).pool.begin().await?;
             let row: Option<(i64, uuid::Uuid, Vec<u8>, Option<String>)> = sqlx::query_as(
                 "SELECT id, message_id, payload, ordering_key FROM outbox_classic \
                  WHERE sent_at IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -956,13 +1032,8 @@ impl Bench {
         drop(publishers);
         self.drop_topic(&topic, &subs).await;
         anyhow::ensure!(done == n, "classic: {done} of {n}");
-        self.results.add(
-            "5 classic",
-            "classic loop: 1 row per transaction, publish, mark sent",
-            &v.label(),
-            "msg/s",
-            rate,
-        );
+        self.results
+            .add("5 classic", CLASSIC_FIGURE, &v.label(), "msg/s", rate);
         Ok(())
     }
 
@@ -978,12 +1049,14 @@ impl Bench {
         let v = Variant {
             payload: self.args.payload[0],
             keys: 0,
+            durable: false,
         };
-        self.truncate("outbox").await?;
+        self.truncate(v, "outbox").await?;
         let (topic, subs) = self.topic_with_subscriptions("latency", 1, false).await?;
         let mut relay = self
             .start_relay(
                 build,
+                v,
                 &topic,
                 &format!("relay-latency-{rate}-{}", self.seq),
                 &[],
@@ -1014,7 +1087,7 @@ impl Bench {
         let stop_at = start + total;
         let mut tasks = Vec::new();
         for _ in 0..producers {
-            let pool = self.pool.clone();
+            let pool = self.db(v).pool.clone();
             let payload = v.payload;
             tasks.push(tokio::spawn(async move {
                 let mut n: u64 = 0;
@@ -1111,6 +1184,13 @@ impl Bench {
             }
         }
         let achieved = produced as f64 / produced_in;
+        self.results.add(
+            "4 latency",
+            &name("load the producers achieved"),
+            &label,
+            "msg/s",
+            achieved,
+        );
         let mut note = format!("achieved {} msg/s", fmt_int(achieved));
         if missing_publish_time > 0 {
             note.push_str(&format!("; {missing_publish_time} without publishTime"));
@@ -1144,7 +1224,11 @@ impl Bench {
 
     async fn inbox(&mut self, payload: usize) -> anyhow::Result<()> {
         let m = self.args.inbox_messages.unwrap_or(self.args.rows);
-        let v = Variant { payload, keys: 0 };
+        let v = Variant {
+            payload,
+            keys: 0,
+            durable: false,
+        };
         let (topic, subs) = self.topic_with_subscriptions("inbox", 2, false).await?;
         let endpoint = self.emulator.endpoint();
         {
@@ -1162,9 +1246,10 @@ impl Bench {
             }
         }
         // The inbox worker on the first subscription.
-        self.truncate("inbox").await?;
+        self.truncate(v, "inbox").await?;
         let mut worker = self.spawn_worker(
             Build::Current,
+            v,
             &["inbox"],
             &[("PUBSUB_SUBSCRIPTION", subs[0].clone())],
             &format!("inbox-{}", self.seq),
@@ -1195,7 +1280,7 @@ impl Bench {
         let rate = (m as f64 - c0) / t0.elapsed().as_secs_f64().max(1e-3);
         let cpu = cpu_seconds(pid).unwrap_or(f64::NAN) - cpu0;
         let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
-        let rows = self.count("inbox").await?;
+        let rows = self.count(v, "inbox").await?;
         anyhow::ensure!(rows as usize == m, "inbox: {rows} rows for {m} messages");
         worker.terminate(Duration::from_secs(15)).await?;
 
@@ -1421,9 +1506,18 @@ fn header(args: &Args, pg_version: &str, started: &str, load: &str) -> Vec<Strin
         format!("outbox-bench  {started}  git {rev}"),
         format!("machine   {cpus} CPUs ({model}); load average at start {load}"),
         format!(
-            "postgres  {pg_version}, same machine, devkit harness: fsync=off, full_page_writes=off, \
-             synchronous_commit=off, shared_buffers=256MB (commits cost no disk flush)"
+            "postgres  {pg_version}, same machine, devkit harness: {}, shared_buffers=256MB (commits cost no disk flush)",
+            Durability::Relaxed.settings().join(", ")
         ),
+        if args.durable {
+            format!(
+                "durable   a second cluster on the same disk for the variants marked \"durable\": {} \
+                 (every commit waits for its WAL flush)",
+                Durability::Durable.settings().join(", ")
+            )
+        } else {
+            "durable   not measured (--durable adds the database ceiling, relay and classic loop on a durable cluster)".into()
+        },
         "pubsub    the Google Cloud Pub/Sub emulator (Java), same machine; one subscription per topic".into(),
         {
             // The relay inherits the environment: show its tuning overrides.
@@ -1593,61 +1687,72 @@ fn targets(
             );
         }
     }
-    // Ratios relay / min(ceilings), classic speed-up.
+    // The relay against the shared-CPU bound, its CPU with and without keys,
+    // the baseline and the classic loop (the targets of issue 14).
+    let figure = |results: &Results, section: &str, name: &str, label: &str| {
+        results.get(section, name, label).map(|f| f.median())
+    };
     for v in variants {
         let label = v.label();
-        let relay = results
-            .get("3 relay", RELAY_FIGURE, &label)
-            .map(|f| f.median());
-        let db = results
-            .get("1 ceiling", DB_CEILING, &label)
-            .map(|f| f.median());
-        let ps = results
-            .get("2 ceiling", "Pub/Sub: batched publish, no database", &label)
-            .map(|f| f.median());
-        let classic = results
-            .get(
-                "5 classic",
-                "classic loop: 1 row per transaction, publish, mark sent",
-                &label,
-            )
-            .map(|f| f.median());
+        let relay = figure(results, "3 relay", RELAY_FIGURE, &label);
+        let db = figure(results, "1 ceiling", DB_CEILING, &label);
+        // The Pub/Sub ceiling is measured once, without the database.
+        let ps = figure(
+            results,
+            "2 ceiling",
+            "Pub/Sub: batched publish, no database",
+            &v.relaxed().label(),
+        );
+        let classic = figure(results, "5 classic", CLASSIC_FIGURE, &label);
         if let (Some(r), Some(db), Some(ps)) = (relay, db, ps) {
             let ceiling = db.min(ps);
             let which = if db <= ps { "database" } else { "Pub/Sub" };
-            let ratio = r / ceiling;
             // Both ceilings were measured with the machine to themselves; the
             // relay needs the database and the emulator at once. If each
             // ceiling saturates the CPUs, the best the relay can do is the
             // harmonic combination.
             let combined = 1.0 / (1.0 / db + 1.0 / ps);
-            // Per-round ratios, for min and max.
             results.note(
                 "3 relay",
                 RELAY_FIGURE,
                 &label,
                 format!(
-                    "{ratio:.2} x min(ceilings) ({which}); {:.2} x shared-CPU bound {}",
+                    "{:.2} x shared-CPU bound {}; {:.2} x min(ceilings) ({which})",
                     r / combined,
-                    fmt_int(combined)
+                    fmt_int(combined),
+                    r / ceiling
                 ),
             );
+            let goal = if v.keys > 0 { 0.85 } else { 0.9 };
             out.push((
-                format!("relay >= 0.7 x min(ceilings), {label}: {ratio:.2} (relay {} / {which} {} msg/s)", fmt_int(r), fmt_int(ceiling)),
-                Some(ratio >= 0.7),
+                format!(
+                    "relay >= {goal} x shared-CPU bound, {label}: {:.2} (relay {} / bound {} msg/s)",
+                    r / combined,
+                    fmt_int(r),
+                    fmt_int(combined)
+                ),
+                // The durable variants are stated, not held to a target.
+                (!v.durable).then_some(r / combined >= goal),
             ));
         }
-        let baseline = results
-            .get(
-                "3 relay",
-                &format!("{RELAY_FIGURE}{}", Build::Baseline.suffix()),
-                &label,
-            )
-            .map(|f| f.median());
-        if let (Some(r), Some(b)) = (relay, baseline) {
+        if v.keys > 0 {
+            let unkeyed = Variant { keys: 0, ..*v }.label();
+            let cpu = |l: &str| figure(results, "7 footprint", "relay CPU per 100k messages", l);
+            if let (Some(keyed), Some(plain)) = (cpu(&label), cpu(&unkeyed)) {
+                out.push((
+                    format!(
+                        "relay CPU per 100k keyed messages <= 1.2 x unkeyed, {label}: {:.2} x ({keyed:.2} / {plain:.2} cpu-s)",
+                        keyed / plain
+                    ),
+                    (!v.durable).then_some(keyed / plain <= 1.2),
+                ));
+            }
+        }
+        let baseline_name = format!("{RELAY_FIGURE}{}", Build::Baseline.suffix());
+        if let (Some(r), Some(b)) = (relay, figure(results, "3 relay", &baseline_name, &label)) {
             results.note(
                 "3 relay",
-                &format!("{RELAY_FIGURE}{}", Build::Baseline.suffix()),
+                &baseline_name,
                 &label,
                 format!("this build is {:.2} x the baseline", r / b),
             );
@@ -1655,22 +1760,57 @@ fn targets(
         if let (Some(r), Some(c)) = (relay, classic) {
             results.note(
                 "5 classic",
-                "classic loop: 1 row per transaction, publish, mark sent",
+                CLASSIC_FIGURE,
                 &label,
                 format!("relay is {:.0} x faster", r / c),
             );
+            if v.durable {
+                out.push((
+                    format!(
+                        "relay vs classic loop on the durable database, {label}: {:.0} x ({} / {} msg/s), stated",
+                        r / c,
+                        fmt_int(r),
+                        fmt_int(c)
+                    ),
+                    None,
+                ));
+            }
         }
     }
-    if rates.contains(&1000)
-        && let Some(f) = results.get("4 latency", "commit-to-publish p99", "1,000 msg/s offered")
-    {
-        let (median, _, max) = stat(&f.samples);
-        out.push((
-            format!(
-                "p99 commit-to-publish <= 50 ms at 1,000 msg/s: {median:.1} ms (median of the rounds; worst round {max:.1} ms)"
-            ),
-            Some(median <= 50.0),
-        ));
+    for (rate, goal) in [(1000u64, 20.0), (10_000, 100.0)] {
+        if !rates.contains(&rate) {
+            continue;
+        }
+        let offered = format!("{} msg/s offered", fmt_int(rate as f64));
+        if let Some(f) = results.get("4 latency", "commit-to-publish p99", &offered) {
+            let (median, _, max) = stat(&f.samples);
+            out.push((
+                format!(
+                    "p99 commit-to-publish <= {goal} ms at {offered}: {median:.1} ms (median of the rounds; worst round {max:.1} ms)"
+                ),
+                Some(median <= goal),
+            ));
+        }
+        let achieved = |suffix: &str| {
+            figure(
+                results,
+                "4 latency",
+                &format!("load the producers achieved{suffix}"),
+                &offered,
+            )
+        };
+        if let (Some(now), Some(before)) = (achieved(""), achieved(Build::Baseline.suffix())) {
+            out.push((
+                format!(
+                    "throughput at {offered} no lower than the baseline's: {} against {} msg/s ({:.2} x)",
+                    fmt_int(now),
+                    fmt_int(before),
+                    now / before
+                ),
+                // Within 5 %: the producers share the CPUs with everything.
+                Some(now >= 0.95 * before),
+            ));
+        }
     }
     let rss: Vec<f64> = results
         .figures
@@ -1708,41 +1848,41 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("== starting PostgreSQL and the Pub/Sub emulator (throwaway, in a temp dir)");
     let worker = worker_binary()?;
     let (pg, emulator) = tokio::try_join!(Postgres::start(), Emulator::start())?;
-    let url = pg.create_database("bench").await?;
-    let status = std::process::Command::new(&worker)
-        .args(["migrate", "--database-url", &url])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running outbox-worker migrate")?;
-    anyhow::ensure!(status.success(), "outbox-worker migrate failed");
-    let pool = PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&url)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE outbox_classic (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
-         message_id UUID NOT NULL DEFAULT gen_random_uuid(), payload BYTEA NOT NULL, ordering_key TEXT, \
-         created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), sent_at TIMESTAMPTZ)",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query("CREATE INDEX outbox_classic_unsent ON outbox_classic (id) WHERE sent_at IS NULL")
-        .execute(&pool)
-        .await?;
+    let db = Db::create(&pg, &worker).await?;
+    let durable_pg = if args.durable {
+        eprintln!("== starting a second, durable PostgreSQL cluster (--durable)");
+        Some(Postgres::start_with(Durability::Durable).await?)
+    } else {
+        None
+    };
+    let durable = match &durable_pg {
+        Some(pg) => Some(Db::create(pg, &worker).await?),
+        None => None,
+    };
     let pg_version: String = sqlx::query("SHOW server_version")
-        .fetch_one(&pool)
+        .fetch_one(&db.pool)
         .await?
         .try_get(0)?;
     let pg_version = format!("PostgreSQL {pg_version}");
 
     let mut variants = Vec::new();
-    for &payload in &args.payload {
-        variants.push(Variant { payload, keys: 0 });
-        if args.keys > 0 {
+    for durable in [false, true] {
+        if durable && !args.durable {
+            continue;
+        }
+        for &payload in &args.payload {
             variants.push(Variant {
                 payload,
-                keys: args.keys,
+                keys: 0,
+                durable,
             });
+            if args.keys > 0 {
+                variants.push(Variant {
+                    payload,
+                    keys: args.keys,
+                    durable,
+                });
+            }
         }
     }
     let baseline = args.baseline_worker.clone();
@@ -1755,8 +1895,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut bench = Bench {
         args,
-        pool,
-        url,
+        db,
+        durable,
         emulator,
         worker,
         baseline,
@@ -1778,7 +1918,7 @@ async fn main() -> anyhow::Result<()> {
     if bench.wants(Section::Pubsub) || bench.wants(Section::Relay) || bench.wants(Section::Db) {
         eprintln!("== warm-up (not reported)");
         bench.db_ceiling(variants[0]).await?;
-        for &v in &variants {
+        for &v in variants.iter().filter(|v| !v.durable) {
             bench.pubsub_ceiling(v).await?;
         }
         bench
@@ -1801,7 +1941,10 @@ async fn main() -> anyhow::Result<()> {
                 bench.db_ceiling(v).await?;
                 bench.db_pipelined(v).await?;
             }
-            if bench.wants(Section::Pubsub) {
+            // The Pub/Sub ceiling and tracing do not depend on the database:
+            // the durable variants take the database ceiling, the relay and
+            // the classic loop again.
+            if bench.wants(Section::Pubsub) && !v.durable {
                 eprintln!("   Pub/Sub ceiling, {}", v.label());
                 bench.pubsub_ceiling(v).await?;
             }
@@ -1821,7 +1964,7 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("   classic loop, {}", v.label());
                 bench.classic(v).await?;
             }
-            if bench.wants(Section::Tracing) {
+            if bench.wants(Section::Tracing) && !v.durable {
                 for tracing in [
                     Tracing::NotExporting,
                     Tracing::Exporting(0.01),
@@ -1946,6 +2089,7 @@ async fn main() -> anyhow::Result<()> {
     println!("json      {}", json_path.display());
     drop(bench);
     drop(pg);
+    drop(durable_pg);
     Ok(())
 }
 

@@ -57,7 +57,7 @@ pub struct Entry {
 pub struct Batch {
     /// Holds the row locks; committed with the deletes.
     pub tx: Transaction<'static, Postgres>,
-    /// Rows in id order.
+    /// Rows grouped by topic and ordering key, in id order within each.
     pub entries: Vec<Entry>,
     /// When the claim's last statement ran: the transaction is idle from
     /// here until the commit, and the batch's deadline counts from here.

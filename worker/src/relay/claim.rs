@@ -1,5 +1,6 @@
 //! Stage 1 of the relay: prove leadership, claim the oldest pending rows,
-//! and hand each row to its topic's publisher, in id order.
+//! and hand the rows to their topics' publishers, key by key, in id order
+//! within each key.
 //!
 //! Leadership is proved inside the claiming transaction, behind the claim
 //! gate (an advisory lock every claim holds shared, and a new leader takes
@@ -16,6 +17,12 @@
 //! rows stay locked until it is finished, and the pipeline claims nothing
 //! else meanwhile. A claim that timed out makes the next ones smaller
 //! ([`ClaimSize`]).
+//!
+//! How many rows a claim takes follows the backlog ([`ClaimSize`]): while
+//! the relay keeps up, claims stay small, so that a row committed behind a
+//! claim waits only for a short one; once rows wait (a burst, a slow spell),
+//! claims double up to the batch size, whose larger requests keep the relay
+//! at full speed until it has caught up.
 
 use std::time::Instant;
 
@@ -44,20 +51,35 @@ impl From<sqlx::Error> for ClaimError {
     }
 }
 
-/// How much the next claim takes: rows, and payload bytes. Shrinks by half
-/// after a claim timed out (the link or Pub/Sub is slower than a claim's
-/// worth of payloads within the publish timeout), grows back after claims
-/// that did not.
+/// How much the next claim takes: rows, and payload bytes.
+///
+/// Three rules, each with its own reason:
+/// - **Payload size**: no more rows than fit the payload budget.
+/// - **Timeouts**: half the rows and bytes after a claim timed out (the link
+///   or Pub/Sub is slower than a claim's worth of payloads within the publish
+///   timeout), doubling back after claims that did not.
+/// - **Backlog** (the pace): a claim whose oldest row waited [`BACKLOG_AGE`]
+///   or longer doubles the next one, up to the batch size; a claim of
+///   younger rows halves it, down to [`STEADY_CLAIM_ROWS`]. At a steady load
+///   claims are small and a row never waits behind a big one; under a burst
+///   the relay is back at full-size claims within a few claims.
 #[derive(Debug)]
 pub struct ClaimSize {
     max_rows: i64,
     max_bytes: usize,
     rows: i64,
     bytes: usize,
+    pace: i64,
 }
 
 /// The smallest payload budget a claim shrinks to (it always takes one row).
 const MIN_CLAIM_BYTES: usize = 256 * 1024;
+/// The oldest row of a claim waited this long (seconds): rows are queueing,
+/// claim more.
+pub const BACKLOG_AGE: f64 = 0.05;
+/// Rows a claim takes while the relay keeps up (or the batch size, if
+/// smaller).
+pub const STEADY_CLAIM_ROWS: i64 = 500;
 
 impl ClaimSize {
     /// At most `max_rows` rows and about `max_bytes` of payloads.
@@ -69,12 +91,15 @@ impl ClaimSize {
             max_bytes,
             rows: max_rows,
             bytes: max_bytes,
+            // From full size: a relay that starts finds a backlog as often
+            // as not.
+            pace: max_rows,
         }
     }
 
     /// Rows to claim.
     pub fn rows(&self) -> i64 {
-        self.rows
+        self.rows.min(self.pace)
     }
 
     /// Payload bytes a claim holds before waiting for Pub/Sub.
@@ -88,11 +113,18 @@ impl ClaimSize {
         (self.bytes / self.rows.max(1) as usize).clamp(1024, i32::MAX as usize) as i32
     }
 
-    /// Learns from a claimed batch: fewer rows when they are large.
-    pub fn claimed(&mut self, rows: usize, bytes: usize) {
+    /// Learns from a claimed batch: fewer rows when they are large; more
+    /// when its oldest row had waited `oldest_age` seconds of a backlog,
+    /// fewer when not.
+    pub fn claimed(&mut self, rows: usize, bytes: usize, oldest_age: f64) {
         let per_row = (bytes / rows.max(1)).max(1);
         let fits = (self.bytes / per_row).max(1) as i64;
         self.rows = fits.min(self.max_rows);
+        self.pace = if oldest_age >= BACKLOG_AGE {
+            self.pace.saturating_mul(2).min(self.max_rows)
+        } else {
+            (self.pace / 2).max(STEADY_CLAIM_ROWS.min(self.max_rows))
+        };
     }
 
     /// Learns from a finished batch: smaller after a timeout, larger again
@@ -144,6 +176,7 @@ impl Relay {
             tx.rollback().await?;
             return Ok(None);
         }
+        let oldest_age = rows[0].age_at_claim;
         let span = info_span!("batch", rows = rows.len(), first_id = rows[0].id);
         self.metrics.batch_size.observe(rows.len() as f64);
         let mut batch = Batch {
@@ -161,17 +194,20 @@ impl Relay {
             // The claim rolls back and its rows are published again later.
             return Err(ClaimError::Database(e, batch.keys()));
         }
-        self.size.claimed(batch.entries.len(), batch.bytes);
+        self.size
+            .claimed(batch.entries.len(), batch.bytes, oldest_age);
         Ok(Some(batch))
     }
 
-    /// Hands the rows to the publishers in id order; stops short when
-    /// Pub/Sub does not answer in time for large payloads or a suspect.
+    /// Hands the rows to the publishers, each ordering key's rows in id
+    /// order; stops short when Pub/Sub does not answer in time for large
+    /// payloads or a suspect.
     async fn publish_rows(
         &mut self,
         batch: &mut Batch,
-        rows: Vec<OutboxRow>,
+        mut rows: Vec<OutboxRow>,
     ) -> Result<(), sqlx::Error> {
+        group_by_key(&mut rows);
         // Payload bytes read one by one and not yet answered.
         let mut large_pending = 0usize;
         for mut row in rows {
@@ -253,6 +289,20 @@ impl Relay {
     }
 }
 
+/// Puts the rows of each (topic, ordering key) next to each other, in id
+/// order within each. Order only matters within a key, and the client runs
+/// one task per key: handed over key by key, each task wakes once for its
+/// run of messages instead of once per message, and sends them in one
+/// request as soon as they are there (rows of 100 keys in id order woke a
+/// different task for every message).
+fn group_by_key(rows: &mut [OutboxRow]) {
+    // Stable: rows of one key keep their id order.
+    rows.sort_by(|a, b| {
+        (a.topic.as_deref(), a.ordering_key.as_deref())
+            .cmp(&(b.topic.as_deref(), b.ordering_key.as_deref()))
+    });
+}
+
 /// A row that goes to the dead-letter table without being published.
 fn dead_entry(row: &OutboxRow, reason: String) -> Entry {
     Entry {
@@ -285,6 +335,34 @@ mod tests {
         }
     }
 
+    fn row(id: i64, topic: Option<&str>, key: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            id,
+            message_id: uuid::Uuid::nil(),
+            payload: None,
+            ordering_key: key.map(str::to_owned),
+            attributes: None,
+            topic: topic.map(str::to_owned),
+            age_at_claim: 0.0,
+        }
+    }
+
+    #[test]
+    fn rows_are_grouped_by_topic_and_key_in_id_order_within_each() {
+        let mut rows = vec![
+            row(1, None, Some("b")),
+            row(2, None, Some("a")),
+            row(3, Some("other"), Some("a")),
+            row(4, None, Some("b")),
+            row(5, None, None),
+            row(6, None, Some("a")),
+            row(7, None, None),
+        ];
+        group_by_key(&mut rows);
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [5, 7, 2, 6, 1, 4, 3]);
+    }
+
     #[test]
     fn a_claim_that_timed_out_comes_back_smaller_and_grows_back() {
         let mut size = ClaimSize::new(5000, 8 << 20);
@@ -308,11 +386,34 @@ mod tests {
     #[test]
     fn large_rows_make_claims_of_fewer_rows() {
         let mut size = ClaimSize::new(5000, 8 << 20);
-        size.claimed(10, 10 << 20);
+        size.claimed(10, 10 << 20, 1.0);
         assert_eq!(size.rows(), 8);
         assert_eq!(size.inline_bytes(), (8 << 20) / 8);
-        size.claimed(100, 1000);
+        size.claimed(100, 1000, 1.0);
         assert_eq!(size.rows(), 5000);
         assert_eq!(size.inline_bytes(), 1677);
+    }
+
+    #[test]
+    fn claims_stay_small_while_the_relay_keeps_up_and_grow_under_a_backlog() {
+        let mut size = ClaimSize::new(5000, 8 << 20);
+        assert_eq!(size.rows(), 5000, "a relay starts at full size");
+        // Young rows: the relay keeps up.
+        for expected in [2500, 1250, 625, 500, 500] {
+            size.claimed(10, 1000, 0.005);
+            assert_eq!(size.rows(), expected);
+        }
+        // A burst: the oldest row claimed waited.
+        for expected in [1000, 2000, 4000, 5000, 5000] {
+            size.claimed(500, 50_000, BACKLOG_AGE);
+            assert_eq!(size.rows(), expected);
+        }
+        // Large rows still cap the claim whatever the pace.
+        size.claimed(10, 10 << 20, 1.0);
+        assert_eq!(size.rows(), 8);
+        // A batch size below the steady size is the floor.
+        let mut small = ClaimSize::new(100, 8 << 20);
+        small.claimed(1, 100, 0.0);
+        assert_eq!(small.rows(), 100);
     }
 }
