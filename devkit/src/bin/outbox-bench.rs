@@ -1933,6 +1933,34 @@ async fn main() -> anyhow::Result<()> {
         bench.relay_busy.clear();
     }
     let rounds = bench.args.rounds;
+    // Latency first, right after the warm-up: the throughput rounds leave
+    // dead rows, WAL and (with --durable) a second cluster's flushes behind,
+    // and a p99 over a few seconds is what such background work disturbs.
+    if bench.wants(Section::Latency) {
+        for rate in bench.args.rates.clone() {
+            eprintln!(
+                "== latency at {rate} msg/s ({rounds} rounds of {:?})",
+                bench.args.latency_round
+            );
+            if bench.baseline.is_none() {
+                bench.latency(rate, Build::Current, rounds).await?;
+                continue;
+            }
+            // Two builds: A B B A, each with half the windows. The run that
+            // comes first after a change of load measured about 6 ms slower
+            // at p50 in an A/A trial, so neither build may always go first.
+            let half = rounds.div_ceil(2);
+            for build in [
+                Build::Current,
+                Build::Baseline,
+                Build::Baseline,
+                Build::Current,
+            ] {
+                eprintln!("   {build:?} at {rate} msg/s ({half} windows)");
+                bench.latency(rate, build, half).await?;
+            }
+        }
+    }
     for round in 1..=rounds {
         eprintln!("== round {round}/{rounds} (load {})", load_average());
         for &v in &variants {
@@ -1979,31 +2007,6 @@ async fn main() -> anyhow::Result<()> {
             for payload in bench.args.payload.clone() {
                 eprintln!("   inbox, {payload} B");
                 bench.inbox(payload).await?;
-            }
-        }
-    }
-    if bench.wants(Section::Latency) {
-        for rate in bench.args.rates.clone() {
-            eprintln!(
-                "== latency at {rate} msg/s ({rounds} rounds of {:?})",
-                bench.args.latency_round
-            );
-            if bench.baseline.is_none() {
-                bench.latency(rate, Build::Current, rounds).await?;
-                continue;
-            }
-            // Two builds: A B B A, each with half the windows. The run that
-            // comes first after a change of load measured about 6 ms slower
-            // at p50 in an A/A trial, so neither build may always go first.
-            let half = rounds.div_ceil(2);
-            for build in [
-                Build::Current,
-                Build::Baseline,
-                Build::Baseline,
-                Build::Current,
-            ] {
-                eprintln!("   {build:?} at {rate} msg/s ({half} windows)");
-                bench.latency(rate, build, half).await?;
             }
         }
     }

@@ -58,11 +58,13 @@ impl From<sqlx::Error> for ClaimError {
 /// - **Timeouts**: half the rows and bytes after a claim timed out (the link
 ///   or Pub/Sub is slower than a claim's worth of payloads within the publish
 ///   timeout), doubling back after claims that did not.
-/// - **Backlog** (the pace): a claim whose oldest row waited [`BACKLOG_AGE`]
-///   or longer doubles the next one, up to the batch size; a claim of
-///   younger rows halves it, down to [`STEADY_CLAIM_ROWS`]. At a steady load
-///   claims are small and a row never waits behind a big one; under a burst
-///   the relay is back at full-size claims within a few claims.
+/// - **Backlog** (the pace): a claim that came back full (more rows are
+///   waiting) or whose oldest row waited [`BACKLOG_AGE`] or longer doubles
+///   the next one, up to the batch size; any other claim halves it, down to
+///   [`STEADY_CLAIM_ROWS`]. At a steady load claims are small and a row never
+///   waits behind a big one; under a burst the relay is back at full-size
+///   claims within a few claims. Fullness matters for a burst committed at
+///   once: its first rows are young when the relay wakes for them.
 #[derive(Debug)]
 pub struct ClaimSize {
     max_rows: i64,
@@ -114,13 +116,13 @@ impl ClaimSize {
     }
 
     /// Learns from a claimed batch: fewer rows when they are large; more
-    /// when its oldest row had waited `oldest_age` seconds of a backlog,
-    /// fewer when not.
-    pub fn claimed(&mut self, rows: usize, bytes: usize, oldest_age: f64) {
+    /// when it was `full` or its oldest row had waited `oldest_age` seconds
+    /// (a backlog), fewer when neither.
+    pub fn claimed(&mut self, rows: usize, bytes: usize, full: bool, oldest_age: f64) {
         let per_row = (bytes / rows.max(1)).max(1);
         let fits = (self.bytes / per_row).max(1) as i64;
         self.rows = fits.min(self.max_rows);
-        self.pace = if oldest_age >= BACKLOG_AGE {
+        self.pace = if full || oldest_age >= BACKLOG_AGE {
             self.pace.saturating_mul(2).min(self.max_rows)
         } else {
             (self.pace / 2).max(STEADY_CLAIM_ROWS.min(self.max_rows))
@@ -195,7 +197,7 @@ impl Relay {
             return Err(ClaimError::Database(e, batch.keys()));
         }
         self.size
-            .claimed(batch.entries.len(), batch.bytes, oldest_age);
+            .claimed(batch.entries.len(), batch.bytes, batch.full, oldest_age);
         Ok(Some(batch))
     }
 
@@ -398,22 +400,29 @@ mod tests {
     fn claims_stay_small_while_the_relay_keeps_up_and_grow_under_a_backlog() {
         let mut size = ClaimSize::new(5000, 8 << 20);
         assert_eq!(size.rows(), 5000, "a relay starts at full size");
-        // Young rows: the relay keeps up.
+        // Young rows, fewer than asked for: the relay keeps up.
         for expected in [2500, 1250, 625, 500, 500] {
-            size.claimed(10, 1000, 0.005);
+            size.claimed(10, 1000, false, 0.005);
             assert_eq!(size.rows(), expected);
         }
-        // A burst: the oldest row claimed waited.
+        // Rows queue: the oldest row claimed waited.
         for expected in [1000, 2000, 4000, 5000, 5000] {
-            size.claimed(500, 50_000, BACKLOG_AGE);
+            size.claimed(100, 10_000, false, BACKLOG_AGE);
             assert_eq!(size.rows(), expected);
+        }
+        // A burst committed at once: its rows are young when claimed, but
+        // every claim comes back full, so the claims stay at full size.
+        let mut burst = ClaimSize::new(5000, 8 << 20);
+        for _ in 0..5 {
+            burst.claimed(5000, 500_000, true, 0.001);
+            assert_eq!(burst.rows(), 5000);
         }
         // Large rows still cap the claim whatever the pace.
-        size.claimed(10, 10 << 20, 1.0);
+        size.claimed(10, 10 << 20, false, 1.0);
         assert_eq!(size.rows(), 8);
         // A batch size below the steady size is the floor.
         let mut small = ClaimSize::new(100, 8 << 20);
-        small.claimed(1, 100, 0.0);
+        small.claimed(1, 100, false, 0.0);
         assert_eq!(small.rows(), 100);
     }
 }
