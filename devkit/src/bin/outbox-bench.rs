@@ -346,6 +346,26 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// Seconds the threads of a process spent runnable but waiting for a CPU
+/// (the second field of each thread's `/proc/<pid>/task/<tid>/schedstat`).
+/// Threads that ended are not counted, so take it around a stretch in which
+/// the process keeps its threads (the relay's runtime does).
+fn run_queue_wait_seconds(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns = 0u64;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(ns as f64 / 1e9)
+}
+
 /// Peak resident set size (VmHWM) in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -1111,11 +1131,23 @@ impl Bench {
         // The relay's histogram after the warm-up, to diff at the end.
         tokio::time::sleep_until((start + warmup).into()).await;
         let hist0 = histogram(&relay, "outbox_publish_latency_seconds").await;
+        // Whether the machine had CPU to spare while the windows ran: all
+        // CPUs' busy fraction, and how long the relay's threads were ready
+        // to run but waited for a CPU.
+        let measured_from = Instant::now();
+        let cpu0 = cpu_sample();
+        let wait0 = relay.pid().and_then(run_queue_wait_seconds);
         let mut produced = 0u64;
         for t in tasks {
             produced += t.await??;
         }
         let produced_in = start.elapsed().as_secs_f64();
+        let busy = busy_between(cpu0, cpu_sample());
+        let waited = relay
+            .pid()
+            .and_then(run_queue_wait_seconds)
+            .zip(wait0)
+            .map(|(w1, w0)| (w1 - w0) / measured_from.elapsed().as_secs_f64());
         devkit::wait_for(
             "the subscriber to receive everything",
             Duration::from_secs(60),
@@ -1191,6 +1223,24 @@ impl Bench {
             "msg/s",
             achieved,
         );
+        if let Some(busy) = busy {
+            self.results.add(
+                "4 latency",
+                &name("(diagnostic) all CPUs busy during the windows"),
+                &label,
+                "%",
+                busy * 100.0,
+            );
+        }
+        if let Some(waited) = waited {
+            self.results.add(
+                "4 latency",
+                &name("(diagnostic) relay ready but waiting for a CPU"),
+                &label,
+                "ms/s",
+                waited * 1000.0,
+            );
+        }
         let mut note = format!("achieved {} msg/s", fmt_int(achieved));
         if missing_publish_time > 0 {
             note.push_str(&format!("; {missing_publish_time} without publishTime"));
