@@ -388,10 +388,10 @@ mod tests {
     #[test]
     fn large_rows_make_claims_of_fewer_rows() {
         let mut size = ClaimSize::new(5000, 8 << 20);
-        size.claimed(10, 10 << 20, 1.0);
+        size.claimed(10, 10 << 20, false, 1.0);
         assert_eq!(size.rows(), 8);
         assert_eq!(size.inline_bytes(), (8 << 20) / 8);
-        size.claimed(100, 1000, 1.0);
+        size.claimed(100, 1000, false, 1.0);
         assert_eq!(size.rows(), 5000);
         assert_eq!(size.inline_bytes(), 1677);
     }
