@@ -78,10 +78,10 @@ pub struct ClaimSize {
 const MIN_CLAIM_BYTES: usize = 256 * 1024;
 /// The oldest row of a claim waited this long (seconds): rows are queueing,
 /// claim more.
-pub const BACKLOG_AGE: f64 = 0.05;
+const BACKLOG_AGE: f64 = 0.05;
 /// Rows a claim takes while the relay keeps up (or the batch size, if
 /// smaller).
-pub const STEADY_CLAIM_ROWS: i64 = 500;
+const STEADY_CLAIM_ROWS: i64 = 500;
 
 impl ClaimSize {
     /// At most `max_rows` rows and about `max_bytes` of payloads.
